@@ -1,0 +1,43 @@
+# aiodma entry points. Every target does its own set-up (dependencies, kernel source, caches).
+#
+#   make run      build everything, boot the test guest and run the demo
+#   make test     build everything and run every test (what CI runs)
+#   make image    kernel + module + tools + initramfs + fio layer (cached in ~/.cache/aiodma)
+#   make module   the guest kernel module only (fast)
+#   make vmm      the aiodma binary
+#   make lint     rustfmt + clippy
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+CARGO ?= cargo
+AIODMA := target/release/aiodma
+# What `make run` shows inside the guest; override with `make run DEMO='...'`.
+DEMO ?= /bin/aiodma-demo
+
+.PHONY: all deps image module vmm run test lint clean-cache
+all: image vmm
+
+deps:
+	@bash images/deps.sh
+
+image: deps
+	@bash images/build.sh all
+
+module: deps
+	@bash images/build.sh module
+
+vmm: deps
+	@$(CARGO) build --release --locked -p aiodma-vmm
+
+run: image vmm
+	@$(AIODMA) run -- $(DEMO)
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+test: image vmm lint
+	$(CARGO) test --workspace --release --locked
+
+clean-cache:
+	rm -rf "$${AIODMA_CACHE:-$$HOME/.cache/aiodma}" images/out

@@ -1,0 +1,6 @@
+//! The aiodma emulated DMA device.
+//!
+//! `abi` is the dependency-free contract shared with the guest (included by path by the guest
+//! kernel module and the guest tools).
+
+pub mod abi;

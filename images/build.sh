@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# Build the test guest: kernel, out-of-tree module, guest tools, initramfs and the fio layer.
+#
+#   images/build.sh [all|kernel|module|tools|initramfs|fio]      (default: all)
+#
+# Every artifact lives in $AIODMA_CACHE (default ~/.cache/aiodma), in a directory named by a hash
+# of everything that affects it, so a fresh clone on the same machine reuses it and a change to
+# any input rebuilds exactly the artifacts downstream of it. images/out/ holds stable links.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+IMAGES="$AIODMA_ROOT/images"
+JOBS=${JOBS:-$(nproc)}
+GUEST_TARGET=x86_64-unknown-linux-musl
+GUEST_TOOLS=(aiodma-guest)
+
+toolchain_id() {
+    printf '%s|%s|%s|%s' "$(rustc --version)" "$(bindgen --version 2>&1 | head -n1)" \
+        "$(gcc --version | head -n1)" "$(ld --version | head -n1)"
+}
+
+# Fail loudly when Kconfig dropped an option of the fragment (it does so silently when a
+# dependency is missing).
+verify_config() {
+    local config=$1 fragment=$2 line opt bad=()
+    while IFS= read -r line; do
+        case "$line" in
+            CONFIG_*=*)
+                grep -qxF "$line" "$config" || bad+=("$line (got: $(grep -E "^(# )?${line%%=*}[= ]" "$config" || echo unset))")
+                ;;
+            "# CONFIG_"*" is not set")
+                opt=${line#\# }; opt=${opt%% *}
+                if grep -qE "^${opt}=" "$config"; then bad+=("$line (got: $(grep -E "^${opt}=" "$config"))"); fi
+                ;;
+        esac
+    done < "$fragment"
+    if [ ${#bad[@]} -gt 0 ]; then
+        printf '[images] kernel config: option did not stick: %s\n' "${bad[@]}" >&2
+        die "kernel config check failed (${#bad[@]} options); see $config"
+    fi
+}
+
+# kernel_key KSRC: the cache key of a kernel build from that tree.
+kernel_key() {
+    hash_inputs "$(basename "$1")" "$(make -s -C "$1" kernelversion)" "$IMAGES/kernel.config" "$(toolchain_id)"
+}
+
+build_kernel() {
+    local start ksrc kbuild
+    start=$(now_ns)
+    ksrc=$("$IMAGES/kernel-src.sh")
+    kbuild="$AIODMA_CACHE/kernel/$(kernel_key "$ksrc")"
+    if [ -f "$kbuild/.aiodma-complete" ]; then
+        step_done kernel cached "$start"
+    else
+        log "building Linux $(make -s -C "$ksrc" kernelversion) in $kbuild (about 4 min on 2 cores)"
+        rm -rf "$kbuild" && mkdir -p "$kbuild"
+        local logf="$kbuild/build.log"
+        {
+            make -C "$ksrc" O="$kbuild" tinyconfig \
+            && "$ksrc/scripts/kconfig/merge_config.sh" -m -O "$kbuild" "$kbuild/.config" "$IMAGES/kernel.config" \
+            && make -C "$ksrc" O="$kbuild" olddefconfig
+        } > "$logf" 2>&1 || { tail -n 30 "$logf" >&2; die "kernel configuration failed (log: $logf)"; }
+        verify_config "$kbuild/.config" "$IMAGES/kernel.config"
+        make -C "$ksrc" O="$kbuild" -j"$JOBS" bzImage modules >> "$logf" 2>&1 \
+            || { tail -n 40 "$logf" >&2; die "kernel build failed (log: $logf)"; }
+        touch "$kbuild/.aiodma-complete"
+        step_done kernel built "$start"
+    fi
+    link_out bzImage "$kbuild/arch/x86/boot/bzImage"
+    link_out kernel.config "$kbuild/.config"
+    KSRC=$ksrc KBUILD=$kbuild
+}
+
+build_module() {
+    [ -n "${KBUILD:-}" ] || build_kernel
+    local start key out
+    start=$(now_ns)
+    key=$(hash_inputs "$(basename "$KBUILD")" "$AIODMA_ROOT/guest-driver/module" \
+        "$AIODMA_ROOT/device/src/abi.rs")
+    out="$AIODMA_CACHE/module/$key"
+    if [ -f "$out/aiodma.ko" ]; then
+        step_done module cached "$start"
+    else
+        rm -rf "$out" && mkdir -p "$out"
+        # MO= keeps every build product out of the source tree.
+        make -C "$KSRC" O="$KBUILD" M="$AIODMA_ROOT/guest-driver/module" MO="$out" modules \
+            > "$out/build.log" 2>&1 || { cat "$out/build.log" >&2; rm -f "$out/aiodma.ko"; die "module build failed"; }
+        step_done module built "$start"
+    fi
+    link_out aiodma.ko "$out/aiodma.ko"
+    MODULE=$out/aiodma.ko
+}
+
+build_tools() {
+    local start
+    start=$(now_ns)
+    # cargo's own incremental build decides what to rebuild; static musl binaries run in the guest.
+    (cd "$AIODMA_ROOT" && cargo build --quiet --release --locked --target "$GUEST_TARGET" \
+        -p aiodma-guest-tools) || die "guest tools build failed"
+    TOOLS_DIR="$AIODMA_ROOT/target/$GUEST_TARGET/release"
+    step_done tools built "$start"
+}
+
+# The base initramfs: busybox, /init, the guest tools, the module. Small on purpose: under
+# emulation every megabyte costs boot time. It also carries /l1init, the entry of the same image
+# in its emulated-host role (level 1).
+build_initramfs() {
+    [ -n "${MODULE:-}" ] || build_module
+    [ -n "${TOOLS_DIR:-}" ] || build_tools
+    local start key out busybox tool
+    start=$(now_ns)
+    busybox=$(command -v busybox)
+    local inputs=("$busybox" "$IMAGES/init" "$IMAGES/l1init" "$MODULE")
+    for tool in "${GUEST_TOOLS[@]}"; do inputs+=("$TOOLS_DIR/$tool"); done
+    key=$(hash_inputs "${inputs[@]}" "$(basename "$(dirname "$MODULE")")" "${GUEST_TOOLS[*]}")
+    out="$AIODMA_CACHE/initramfs/$key"
+    if [ -f "$out/initramfs.cpio.gz" ]; then
+        step_done initramfs cached "$start"
+    else
+        local stage
+        stage=$(mktemp -d)
+        mkdir -p "$stage"/{bin,sbin,dev,proc,sys,tmp,run,mnt,lib/modules,etc,root}
+        install -m 0755 "$busybox" "$stage/bin/busybox"
+        local applet
+        for applet in $("$busybox" --list); do
+            [ "$applet" = busybox ] || ln -s busybox "$stage/bin/$applet"
+        done
+        install -m 0755 "$IMAGES/init" "$stage/init"
+        install -m 0755 "$IMAGES/l1init" "$stage/l1init"
+        install -m 0644 "$MODULE" "$stage/lib/modules/aiodma.ko"
+        for tool in "${GUEST_TOOLS[@]}"; do install -m 0755 "$TOOLS_DIR/$tool" "$stage/bin/$tool"; done
+        echo 'root:x:0:0:root:/root:/bin/sh' > "$stage/etc/passwd"
+        mkdir -p "$out"
+        (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 --reproducible) \
+            | gzip -9n > "$out/initramfs.cpio.gz.tmp"
+        (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort) > "$out/contents.txt"
+        rm -rf "$stage"
+        mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
+        step_done initramfs built "$start"
+    fi
+    link_out initramfs.cpio.gz "$out/initramfs.cpio.gz"
+}
+
+# fio and exactly the shared objects it loads, as a separate layer appended only when needed
+# (Linux unpacks concatenated cpio archives).
+build_fio_layer() {
+    local start fio key out
+    start=$(now_ns)
+    fio=$(command -v fio) || die "fio not installed (run images/deps.sh)"
+    local libs
+    libs=$(ldd "$fio" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u)
+    # shellcheck disable=SC2086
+    key=$(hash_inputs "$fio" $libs "$IMAGES/fio")
+    out="$AIODMA_CACHE/fio/$key"
+    if [ -f "$out/fio.cpio.gz" ]; then
+        step_done fio-layer cached "$start"
+    else
+        local stage lib
+        stage=$(mktemp -d)
+        mkdir -p "$stage/usr/bin" "$stage/etc/fio"
+        install -m 0755 "$fio" "$stage/usr/bin/fio"
+        for lib in $libs; do
+            mkdir -p "$stage$(dirname "$lib")"
+            cp -L "$lib" "$stage$lib"
+        done
+        # The dynamic loader is found through /lib64 on x86_64; the base image has no /lib64.
+        if [ ! -e "$stage/lib64/ld-linux-x86-64.so.2" ]; then
+            mkdir -p "$stage/lib64"
+            cp -L /lib64/ld-linux-x86-64.so.2 "$stage/lib64/"
+        fi
+        cp "$IMAGES"/fio/*.fio "$stage/etc/fio/" 2>/dev/null || true
+        mkdir -p "$out"
+        (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 --reproducible) \
+            | gzip -6n > "$out/fio.cpio.gz.tmp"
+        (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort) > "$out/contents.txt"
+        rm -rf "$stage"
+        mv "$out/fio.cpio.gz.tmp" "$out/fio.cpio.gz"
+        step_done fio-layer built "$start"
+    fi
+    link_out fio.cpio.gz "$out/fio.cpio.gz"
+}
+
+what=${1:-all}
+case "$what" in
+    all) build_kernel; build_module; build_tools; build_initramfs; build_fio_layer ;;
+    kernel) build_kernel ;;
+    module) build_module ;;
+    tools) build_tools ;;
+    initramfs) build_initramfs ;;
+    fio) build_fio_layer ;;
+    *) echo "usage: $0 [all|kernel|module|tools|initramfs|fio]" >&2; exit 2 ;;
+esac

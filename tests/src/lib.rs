@@ -1,0 +1,1 @@
+//! Test harness for booting the aiodma test guest.

@@ -1,0 +1,464 @@
+//! The emulated KVM host: `aiodma` re-runs itself inside a level-1 Linux VM under QEMU TCG.
+//!
+//! Level 0 (this process) starts QEMU with the project's own kernel (built with KVM_AMD and 9p)
+//! and initramfs, entering through `/l1init` (`images/l1init`). QEMU choices, each on purpose:
+//! - `-accel tcg,thread=multi -cpu max`: software emulation of an AMD CPU with SVM + NPT, so
+//!   `kvm_amd` inside gives real, nested-paging KVM (TCG implements no Intel VMX).
+//! - `-M microvm,acpi=off,pit=on`: the smallest machine; virtio-mmio devices are announced on
+//!   the kernel command line; the PIT lets the TSC calibrate (and `tsc_early_khz` pins it, as
+//!   calibration under TCG fails in about 30% of boots without it).
+//! - vCPUs = host cores, memory = the guest's `--memory` plus [`LEVEL1_HEADROOM_MIB`].
+//! - `-no-reboot`: the level-1 guest reboots when done, which ends QEMU.
+//! - 9p shares: `/` read-only (tag `host`), the job directory read-write (tag `job`), and each
+//!   directory of `AIODMA_WRITABLE` read-write (tags `w0`, `w1`, …), each at its own path.
+//! - ttyS0 = QEMU's stdio (the inner run's stdout and stdin); hvc0 (virtio-console) = this
+//!   process's stderr, so the inner run's stderr stays separate.
+//! - `isa-debug-exit` on `abi::platform::EXIT_PORT`: level 1 ends QEMU at once, without a
+//!   reboot, by writing there (as the test guest does under our VMM).
+//!
+//! The inner run's exit status comes back through `<job dir>/status` (QEMU's own exit code
+//! carries only 7 bits of it).
+
+use std::ffi::OsString;
+use std::io::{self, BufRead, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use aiodma_device::abi::platform;
+
+use super::IN_EMULATED_HOST_ENV;
+
+/// Memory the level-1 kernel and the host tools it runs need on top of the level-2 guest.
+pub const LEVEL1_HEADROOM_MIB: u64 = 512;
+/// The line `/l1init` prints once the host's files are mounted, just before the inner run.
+pub const READY_MARKER: &str = "aiodma-l1: ready";
+/// Colon-separated host directories the inner run may write to.
+pub const WRITABLE_ENV: &str = "AIODMA_WRITABLE";
+const QEMU: &str = "qemu-system-x86_64";
+
+/// Why the emulated host could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum EmulatedError {
+    /// QEMU is not installed.
+    #[error("the emulated host needs {QEMU}: install the Debian package qemu-system-x86")]
+    QemuMissing,
+    /// A level-1 image file is missing.
+    #[error("emulated host: {0}: {1} (run `make image` to build the guest image)")]
+    Image(PathBuf, io::Error),
+    /// A writable directory does not exist.
+    #[error("{WRITABLE_ENV}: {0}: {1}")]
+    Writable(PathBuf, io::Error),
+    /// An OS operation failed.
+    #[error("emulated host: {0}: {1}")]
+    Io(&'static str, io::Error),
+    /// QEMU ended without the inner run's status.
+    #[error("emulated host stopped without an exit status (QEMU {qemu}){detail}")]
+    NoStatus {
+        /// QEMU's exit status.
+        qemu: String,
+        /// The last lines the level-1 kernel printed, if the inner run never started.
+        detail: String,
+    },
+}
+
+impl EmulatedError {
+    /// Exit code: missing tools and images are the user's to fix (2); the rest are failures (3).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            EmulatedError::QemuMissing | EmulatedError::Image(..) | EmulatedError::Writable(..) => {
+                crate::exit::EXIT_BAD_INPUT
+            }
+            _ => crate::exit::EXIT_KVM_FAILURE,
+        }
+    }
+}
+
+/// What the level-1 run needs to know.
+#[derive(Debug, Clone)]
+pub struct Level1 {
+    /// Level-1 kernel (with KVM_AMD and 9p).
+    pub kernel: PathBuf,
+    /// Level-1 initramfs (with `/l1init`).
+    pub initrd: PathBuf,
+    /// Level-2 guest memory, to size level 1.
+    pub guest_memory_mib: u64,
+    /// No guest command: forward the terminal.
+    pub interactive: bool,
+}
+
+/// Quote `s` for POSIX sh.
+pub fn shell_quote(s: &[u8]) -> String {
+    let text = String::from_utf8_lossy(s);
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// The script the level-1 init runs (chrooted into the host's filesystem): enter the caller's
+/// directory, restore its environment, run the same `aiodma` command line on real KVM.
+pub fn job_script(
+    cwd: &Path,
+    exe: &Path,
+    args: &[OsString],
+    env: &[(OsString, OsString)],
+) -> String {
+    let mut script = String::from("#!/bin/sh\n# aiodma: the inner run of the emulated host\n");
+    script.push_str(&format!(
+        "cd {} || exit 2\n",
+        shell_quote(cwd.as_os_str().as_bytes())
+    ));
+    for (key, value) in env {
+        let key = String::from_utf8_lossy(key.as_bytes());
+        if key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !key.is_empty() {
+            script.push_str(&format!("export {key}={}\n", shell_quote(value.as_bytes())));
+        }
+    }
+    script.push_str(&format!(
+        "export {IN_EMULATED_HOST_ENV}=1\nexec {}",
+        shell_quote(exe.as_os_str().as_bytes())
+    ));
+    for arg in args {
+        script.push(' ');
+        script.push_str(&shell_quote(arg.as_bytes()));
+    }
+    script.push('\n');
+    script
+}
+
+/// The host's TSC frequency in kHz, from /proc/cpuinfo's "cpu MHz".
+pub fn tsc_khz(cpuinfo: &str) -> Option<u64> {
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
+}
+
+/// QEMU's command line for level 1.
+pub fn qemu_args(
+    l1: &Level1,
+    job_dir: &Path,
+    writable: &[PathBuf],
+    cpus: usize,
+    tsc_khz: Option<u64>,
+) -> Vec<OsString> {
+    let mut append = String::from(
+        "console=ttyS0 quiet panic=-1 reboot=t rdinit=/l1init initcall_blacklist=vt_init",
+    );
+    if let Some(khz) = tsc_khz {
+        append.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    append.push_str(&format!(" aiodma.job={}", job_dir.display()));
+    let mut args: Vec<String> = vec![
+        "-accel".into(),
+        "tcg,thread=multi".into(),
+        "-cpu".into(),
+        "max".into(),
+        "-M".into(),
+        "microvm,acpi=off,pit=on,rtc=on".into(),
+        "-smp".into(),
+        cpus.to_string(),
+        "-m".into(),
+        format!("{}M", l1.guest_memory_mib + LEVEL1_HEADROOM_MIB),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-no-reboot".into(),
+        "-chardev".into(),
+        format!(
+            "stdio,id=out,signal={}",
+            if l1.interactive { "off" } else { "on" }
+        ),
+        "-serial".into(),
+        "chardev:out".into(),
+        "-device".into(),
+        "virtio-serial-device".into(),
+        "-chardev".into(),
+        "file,id=err,path=/proc/self/fd/2,append=on".into(),
+        "-device".into(),
+        "virtconsole,chardev=err".into(),
+        "-device".into(),
+        format!("isa-debug-exit,iobase={:#x},iosize=1", platform::EXIT_PORT),
+        "-fsdev".into(),
+        "local,id=host,path=/,security_model=none,readonly=on,multidevs=remap".into(),
+        "-device".into(),
+        "virtio-9p-device,fsdev=host,mount_tag=host".into(),
+        "-fsdev".into(),
+        format!(
+            "local,id=job,path={},security_model=none,multidevs=remap",
+            job_dir.display()
+        ),
+        "-device".into(),
+        "virtio-9p-device,fsdev=job,mount_tag=job".into(),
+    ];
+    for (i, dir) in writable.iter().enumerate() {
+        args.push("-fsdev".into());
+        args.push(format!(
+            "local,id=w{i},path={},security_model=none,multidevs=remap",
+            dir.display()
+        ));
+        args.push("-device".into());
+        args.push(format!("virtio-9p-device,fsdev=w{i},mount_tag=w{i}"));
+    }
+    args.extend(["-kernel".into(), l1.kernel.display().to_string()]);
+    args.extend(["-initrd".into(), l1.initrd.display().to_string()]);
+    args.extend(["-append".into(), append]);
+    args.into_iter().map(OsString::from).collect()
+}
+
+fn writable_dirs() -> Result<Vec<PathBuf>, EmulatedError> {
+    let Some(list) = std::env::var_os(WRITABLE_ENV) else {
+        return Ok(Vec::new());
+    };
+    std::env::split_paths(&list)
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(|p| p.canonicalize().map_err(|e| EmulatedError::Writable(p, e)))
+        .collect()
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Copies QEMU's stdout to ours: level-1 console lines up to the ready marker are kept for
+/// error reports (and logged at debug level); everything after it is the inner run's output.
+fn forward_output(mut from: impl Read, started: Instant) -> Vec<String> {
+    let mut prelude = Vec::new();
+    let mut reader = io::BufReader::new(&mut from);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return prelude,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+        if text == READY_MARKER {
+            log::info!(
+                "emulated host (QEMU TCG, AMD SVM, nested KVM) up in {} ms; timings below include emulation",
+                started.elapsed().as_millis()
+            );
+            break;
+        }
+        log::debug!("level 1: {text}");
+        prelude.push(text);
+        if prelude.len() > 50 {
+            prelude.remove(0);
+        }
+    }
+    let mut out = io::stdout();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+            break;
+        }
+    }
+    Vec::new()
+}
+
+/// Run `args` (this process's arguments, without the program name) inside the emulated host and
+/// return the inner run's exit code.
+pub fn run(l1: &Level1, args: &[OsString]) -> Result<u8, EmulatedError> {
+    let qemu = find_in_path(QEMU).ok_or(EmulatedError::QemuMissing)?;
+    for path in [&l1.kernel, &l1.initrd] {
+        std::fs::metadata(path).map_err(|e| EmulatedError::Image(path.clone(), e))?;
+    }
+    let kernel = l1
+        .kernel
+        .canonicalize()
+        .map_err(|e| EmulatedError::Image(l1.kernel.clone(), e))?;
+    let initrd = l1
+        .initrd
+        .canonicalize()
+        .map_err(|e| EmulatedError::Image(l1.initrd.clone(), e))?;
+    let l1 = Level1 {
+        kernel,
+        initrd,
+        ..l1.clone()
+    };
+    let writable = writable_dirs()?;
+    let exe =
+        std::env::current_exe().map_err(|e| EmulatedError::Io("locate the aiodma binary", e))?;
+    let cwd = std::env::current_dir().map_err(|e| EmulatedError::Io("current directory", e))?;
+
+    let job = JobDir::create()?;
+    let env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| {
+            let k = k.to_string_lossy();
+            k == "PATH"
+                || k == "HOME"
+                || k == "TERM"
+                || k == "RUST_LOG"
+                || k == "RUST_BACKTRACE"
+                || (k.starts_with("AIODMA_") && k != "AIODMA_HOST" && k != IN_EMULATED_HOST_ENV)
+        })
+        .collect();
+    std::fs::write(job.0.join("job.sh"), job_script(&cwd, &exe, args, &env))
+        .map_err(|e| EmulatedError::Io("write the job script", e))?;
+    let mounts: String = writable
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| format!("w{i} {}\n", dir.display()))
+        .collect();
+    std::fs::write(job.0.join("mounts"), mounts)
+        .map_err(|e| EmulatedError::Io("write the mount list", e))?;
+
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let qemu_argv = qemu_args(&l1, &job.0, &writable, cpus, tsc_khz(&cpuinfo));
+    log::debug!("{} {:?}", qemu.display(), qemu_argv);
+
+    let started = Instant::now();
+    let mut child = Command::new(&qemu)
+        .args(&qemu_argv)
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| EmulatedError::Io("start QEMU", e))?;
+    let prelude = match child.stdout.take() {
+        Some(out) => forward_output(out, started),
+        None => Vec::new(),
+    };
+    let status = child
+        .wait()
+        .map_err(|e| EmulatedError::Io("wait for QEMU", e))?;
+    log::debug!(
+        "emulated host session took {} ms",
+        started.elapsed().as_millis()
+    );
+
+    match std::fs::read_to_string(job.0.join("status")) {
+        Ok(text) => match text.trim().parse::<u8>() {
+            Ok(code) => Ok(code),
+            Err(_) => Err(EmulatedError::NoStatus {
+                qemu: status.to_string(),
+                detail: format!(": unreadable status {text:?}"),
+            }),
+        },
+        Err(_) => Err(EmulatedError::NoStatus {
+            qemu: status.to_string(),
+            detail: if prelude.is_empty() {
+                String::new()
+            } else {
+                format!("; level 1 said: {}", prelude.join(" | "))
+            },
+        }),
+    }
+}
+
+/// The per-run directory shared with level 1; removed when dropped.
+struct JobDir(PathBuf);
+
+impl JobDir {
+    fn create() -> Result<Self, EmulatedError> {
+        let base = std::env::temp_dir();
+        for attempt in 0..100u32 {
+            let dir = base.join(format!("aiodma-l1.{}.{attempt}", std::process::id()));
+            match std::fs::create_dir(&dir) {
+                Ok(()) => return Ok(JobDir(dir)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(EmulatedError::Io("create the job directory", e)),
+            }
+        }
+        Err(EmulatedError::Io(
+            "create the job directory",
+            io::Error::other("no free name"),
+        ))
+    }
+}
+
+impl Drop for JobDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_single_quotes() {
+        assert_eq!(shell_quote(b"it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(b"a b"), "'a b'");
+    }
+
+    #[test]
+    fn job_script_reproduces_the_command() {
+        let script = job_script(
+            Path::new("/work/x"),
+            Path::new("/bin/aiodma"),
+            &[
+                "run".into(),
+                "--".into(),
+                "sh".into(),
+                "-c".into(),
+                "echo 'hi'; exit 7".into(),
+            ],
+            &[
+                ("PATH".into(), "/usr/bin:/bin".into()),
+                ("BAD-KEY".into(), "x".into()),
+            ],
+        );
+        assert!(script.contains("cd '/work/x' || exit 2\n"));
+        assert!(script.contains("export PATH='/usr/bin:/bin'\n"));
+        assert!(!script.contains("BAD-KEY"));
+        assert!(script.contains("export AIODMA_IN_EMULATED_HOST=1\n"));
+        assert!(script.ends_with(concat!(
+            r"exec '/bin/aiodma' 'run' '--' 'sh' '-c' 'echo '\''hi'\''; exit 7'",
+            "\n"
+        )));
+    }
+
+    #[test]
+    fn tsc_from_cpuinfo() {
+        assert_eq!(
+            tsc_khz("processor: 0\ncpu MHz\t\t: 2600.004\n"),
+            Some(2_600_004)
+        );
+        assert_eq!(tsc_khz("processor: 0\n"), None);
+    }
+
+    #[test]
+    fn qemu_command_line_is_deliberate() {
+        let l1 = Level1 {
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            guest_memory_mib: 256,
+            interactive: false,
+        };
+        let args: Vec<String> = qemu_args(
+            &l1,
+            Path::new("/tmp/j"),
+            &["/data".into()],
+            2,
+            Some(2_600_000),
+        )
+        .into_iter()
+        .map(|a| a.into_string().unwrap())
+        .collect();
+        let joined = args.join(" ");
+        assert!(joined.contains("-accel tcg,thread=multi -cpu max"));
+        assert!(joined.contains("-smp 2 -m 768M"));
+        assert!(joined.contains("path=/,security_model=none,readonly=on"));
+        assert!(joined.contains("local,id=w0,path=/data,security_model=none"));
+        assert!(joined.contains("mount_tag=w0"));
+        assert!(joined.contains("-no-reboot"));
+        let append = args.last().unwrap();
+        assert!(append.contains("rdinit=/l1init"));
+        assert!(append.contains("tsc_early_khz=2600000"));
+        assert!(append.contains("aiodma.job=/tmp/j"));
+    }
+}

@@ -1,0 +1,15 @@
+//! aiodma VMM library: everything behind the `aiodma` binary.
+//!
+//! - `cli`: flags; `config`: validated VM configuration
+//! - `host`: where KVM comes from (this machine's, or the emulated host)
+//! - `arch`: x86_64 boot structures; `vstate`: KVM VM and vCPUs; `devices`: what the guest sees
+//! - `vmm`: builds and runs a VM; `exit`: why it stopped and the exit code
+
+pub mod arch;
+pub mod cli;
+pub mod config;
+pub mod devices;
+pub mod exit;
+pub mod host;
+pub mod vmm;
+pub mod vstate;

@@ -1,0 +1,334 @@
+//! Builds the VM from a `VmConfig` and runs it until it stops.
+//!
+//! Threads: one per vCPU (KVM_RUN and device exits) and the calling thread, which runs the event
+//! loop (terminal input, the stop signal, the timeout).
+
+use std::fs::File;
+use std::io::{self, IsTerminal, Read};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::Kvm;
+use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::KernelLoader;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::terminal::Terminal;
+
+use crate::arch::x86_64 as arch;
+use crate::config::VmConfig;
+use crate::devices::bus::Bus;
+use crate::devices::serial::{ConsoleOut, SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::{i8042, platform};
+use crate::exit::{StopReason, StopSignal};
+use crate::vstate::vcpu::{Vcpu, VcpuContext};
+use crate::vstate::vm::Vm;
+use crate::vstate::{KvmContext, KvmError};
+
+/// Why a VM could not be built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// A KVM ioctl failed.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// Guest memory could not be allocated.
+    #[error("cannot allocate {0} MiB of guest memory: {1}")]
+    Memory(u64, String),
+    /// The kernel image could not be loaded.
+    #[error("cannot load kernel {0}: {1}")]
+    Kernel(String, String),
+    /// An initrd could not be read or placed.
+    #[error("initrd: {0}")]
+    Initrd(String),
+    /// Boot structures (command line, zero page, MP table, registers) could not be written.
+    #[error("boot setup: {0}")]
+    Boot(String),
+    /// An OS resource (eventfd, thread, epoll) could not be created.
+    #[error("{0}: {1}")]
+    Os(&'static str, io::Error),
+}
+
+impl VmmError {
+    /// Exit code: bad kernel/initrd contents are user input (2), the rest are VMM/KVM failures (3).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            VmmError::Kernel(..) | VmmError::Initrd(_) => crate::exit::EXIT_BAD_INPUT,
+            _ => crate::exit::EXIT_KVM_FAILURE,
+        }
+    }
+}
+
+/// Concatenate the initrd archives, each padded to 4 bytes (Linux unpacks concatenated cpio
+/// archives, compressed or not, and skips zero padding between them).
+fn read_initrds(paths: &[std::path::PathBuf]) -> Result<Vec<u8>, VmmError> {
+    let mut data = Vec::new();
+    for path in paths {
+        File::open(path)
+            .and_then(|mut f| f.read_to_end(&mut data))
+            .map_err(|e| VmmError::Initrd(format!("{}: {e}", path.display())))?;
+        data.resize(data.len().next_multiple_of(4), 0);
+    }
+    Ok(data)
+}
+
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    cfg: &VmConfig,
+) -> Result<
+    (
+        GuestAddress,
+        Option<linux_loader::loader::bootparam::setup_header>,
+    ),
+    VmmError,
+> {
+    let name = cfg.kernel.display().to_string();
+    let mut file =
+        File::open(&cfg.kernel).map_err(|e| VmmError::Kernel(name.clone(), e.to_string()))?;
+    let loaded = BzImage::load(
+        mem,
+        None,
+        &mut file,
+        Some(GuestAddress(arch::layout::HIMEM_START)),
+    )
+    .map_err(|e| VmmError::Kernel(name, e.to_string()))?;
+    let entry = GuestAddress(loaded.kernel_load.0 + arch::layout::BZIMAGE_64BIT_ENTRY_OFFSET);
+    Ok((entry, loaded.setup_header))
+}
+
+/// Puts the host terminal in raw mode for an interactive guest shell and restores it on drop.
+struct RawTerminal;
+
+impl RawTerminal {
+    fn enter() -> Option<Self> {
+        let stdin = io::stdin();
+        match stdin.lock().set_raw_mode() {
+            Ok(()) => Some(RawTerminal),
+            Err(e) => {
+                log::warn!("cannot put the terminal in raw mode: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Err(e) = io::stdin().lock().set_canon_mode() {
+            log::warn!("cannot restore the terminal: {e}");
+        }
+    }
+}
+
+type SharedSerial = Arc<Mutex<SerialDevice<io::Stdout>>>;
+
+/// Forwards terminal keystrokes to the guest's UART.
+struct StdinForwarder {
+    serial: SharedSerial,
+}
+
+impl MutEventSubscriber for StdinForwarder {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 64];
+        match io::stdin().lock().read(&mut buf) {
+            Ok(0) => {
+                let _ = ops.remove(events);
+            }
+            Ok(n) => {
+                let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+                serial.enqueue_input(&buf[..n]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                log::warn!("terminal input stopped: {e}");
+                let _ = ops.remove(events);
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&io::stdin(), EventSet::IN)) {
+            log::warn!("cannot watch the terminal: {e}");
+        }
+    }
+}
+
+/// Wakes the event loop when a thread reports that the VM must stop.
+struct StopWatcher {
+    stop: Arc<StopSignal>,
+}
+
+impl MutEventSubscriber for StopWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // Drain the counter so the level-triggered epoll does not spin.
+        let _ = self.stop.event_fd().read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.stop.event_fd(), EventSet::IN)) {
+            log::error!("cannot watch the stop signal: {e}");
+        }
+    }
+}
+
+/// A VM that stopped. vCPU threads may still sit in KVM_RUN on its memory, so the caller keeps
+/// this alive until the process exits (which ends those threads), as Firecracker does.
+#[derive(Debug)]
+pub struct Stopped {
+    /// Why the VM stopped.
+    pub reason: StopReason,
+    _vm: Vm,
+}
+
+/// Build the VM described by `cfg`, run it, and return why it stopped.
+pub fn run(cfg: &VmConfig, vmm_start: Instant) -> Result<Stopped, VmmError> {
+    let kvm = Kvm::new().kvm("open /dev/kvm")?;
+    let mem_bytes = cfg.memory_mib << 20;
+    let memory = GuestMemoryMmap::from_ranges(&arch::layout::ram_regions(mem_bytes))
+        .map_err(|e| VmmError::Memory(cfg.memory_mib, e.to_string()))?;
+    let vm = Vm::new(kvm, memory)?;
+    let mem = vm.memory();
+
+    let (entry, setup_header) = load_kernel(mem, cfg)?;
+    let initrd = read_initrds(&cfg.initrds)?;
+    let initrd_addr = arch::boot::initrd_load_addr(mem, initrd.len())
+        .map_err(|e| VmmError::Initrd(e.to_string()))?;
+    mem.write_slice(&initrd, initrd_addr)
+        .map_err(|e| VmmError::Initrd(e.to_string()))?;
+    let mut cmdline = cfg.cmdline.clone().into_bytes();
+    cmdline.push(0);
+    mem.write_slice(&cmdline, GuestAddress(arch::layout::CMDLINE_START))
+        .map_err(|e| VmmError::Boot(format!("command line: {e}")))?;
+    arch::boot::configure_system(
+        mem,
+        GuestAddress(arch::layout::CMDLINE_START),
+        cmdline.len(),
+        Some((initrd_addr, initrd.len())),
+        cfg.cpus,
+        setup_header,
+    )
+    .map_err(|e| VmmError::Boot(format!("MP table / zero page: {e}")))?;
+    log::debug!("kernel command line: {}", cfg.cmdline);
+
+    // Devices.
+    let stop = Arc::new(StopSignal::new().map_err(|e| VmmError::Os("eventfd", e))?);
+    let guest_panicked = Arc::new(AtomicBool::new(false));
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Os("eventfd", e))?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+    let interactive = cfg.interactive && io::stdin().is_terminal();
+    let serial: SharedSerial = Arc::new(Mutex::new(SerialDevice::new(
+        serial_irq,
+        ConsoleOut::new(io::stdout(), interactive, guest_panicked.clone()),
+    )));
+    let mut pio = Bus::new();
+    let bus_err = |e: crate::devices::bus::BusError| VmmError::Boot(e.to_string());
+    pio.insert(serial.clone(), COM1_BASE.into(), COM1_LEN.into())
+        .map_err(bus_err)?;
+    pio.insert(
+        Arc::new(Mutex::new(i8042::I8042::new(stop.clone()))),
+        i8042::BASE.into(),
+        i8042::LEN.into(),
+    )
+    .map_err(bus_err)?;
+    pio.insert(
+        Arc::new(Mutex::new(platform::PlatformPorts::new(
+            vmm_start,
+            stop.clone(),
+        ))),
+        platform::BASE.into(),
+        platform::LEN.into(),
+    )
+    .map_err(bus_err)?;
+    let ctx = VcpuContext {
+        pio: Arc::new(pio),
+        mmio: Arc::new(Bus::new()),
+        stop: stop.clone(),
+        guest_panicked,
+    };
+
+    // vCPUs: configure all before starting any, so a failure leaves nothing running.
+    let supported = vm
+        .kvm()
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .kvm("KVM_GET_SUPPORTED_CPUID")?;
+    let mut vcpus = Vec::with_capacity(cfg.cpus.into());
+    for id in 0..cfg.cpus {
+        let fd = vm.fd().create_vcpu(id.into()).kvm("KVM_CREATE_VCPU")?;
+        let mut cpuid = supported.clone();
+        arch::cpuid::filter_cpuid(&mut cpuid, id, cfg.cpus, cfg.hide_xsave)
+            .map_err(|e| VmmError::Boot(format!("vCPU {id} CPUID: {e}")))?;
+        arch::configure_vcpu(&fd, &cpuid, entry, mem, id == 0)
+            .map_err(|e| VmmError::Boot(format!("vCPU {id}: {e}")))?;
+        vcpus.push(Vcpu::new(id, fd, ctx.clone()));
+    }
+
+    let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new()
+            .map_err(|e| VmmError::Os("epoll", io::Error::other(format!("{e:?}"))))?;
+    events.add_subscriber(Arc::new(Mutex::new(StopWatcher { stop: stop.clone() })));
+    let _raw_terminal = if interactive {
+        events.add_subscriber(Arc::new(Mutex::new(StdinForwarder {
+            serial: serial.clone(),
+        })));
+        RawTerminal::enter()
+    } else {
+        None
+    };
+
+    log::info!(
+        "booting {} with {} vCPU(s), {} MiB",
+        cfg.kernel.display(),
+        cfg.cpus,
+        cfg.memory_mib
+    );
+    for vcpu in vcpus {
+        vcpu.spawn()
+            .map_err(|e| VmmError::Os("spawn vCPU thread", e))?;
+    }
+
+    let deadline = cfg.timeout.map(|t| Instant::now() + t);
+    let reason = loop {
+        if let Some(reason) = stop.reason() {
+            break reason;
+        }
+        let wait_ms = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    stop.stop(StopReason::Timeout);
+                    continue;
+                }
+                i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX)
+            }
+            None => -1,
+        };
+        if let Err(e) = events.run_with_timeout(wait_ms) {
+            log::warn!("event loop: {e:?}");
+        }
+    };
+    serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
+    if let (Some(d), StopReason::Timeout) = (cfg.timeout, &reason) {
+        log::error!("guest did not finish within {} s", d.as_secs());
+    }
+    Ok(Stopped { reason, _vm: vm })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initrds_are_concatenated_with_padding() {
+        let dir = std::env::temp_dir().join(format!("aiodma-initrd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        std::fs::write(&a, b"abcde").unwrap();
+        std::fs::write(&b, b"xyz").unwrap();
+        let data = read_initrds(&[a, b]).unwrap();
+        assert_eq!(data, b"abcde\0\0\0xyz\0");
+        assert!(read_initrds(&[dir.join("missing")]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

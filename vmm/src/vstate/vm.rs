@@ -1,0 +1,66 @@
+//! The KVM VM: guest memory, the in-kernel irqchip (PIC + IOAPIC + LAPICs) and the PIT.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{KvmContext, KvmError};
+
+/// The TSS needs three pages below 4 GiB that the guest never uses (Intel VMX requirement).
+const TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// A created VM with its memory registered.
+#[derive(Debug)]
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    memory: GuestMemoryMmap,
+}
+
+impl Vm {
+    /// Create a VM over `memory`, with an in-kernel irqchip and PIT.
+    pub fn new(kvm: Kvm, memory: GuestMemoryMmap) -> Result<Self, KvmError> {
+        let fd = kvm.create_vm().kvm("KVM_CREATE_VM")?;
+        for (slot, region) in memory.iter().enumerate() {
+            let mem_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mmap owned by `memory`, which this struct keeps
+            // alive (and mapped) for as long as the VM fd exists.
+            unsafe { fd.set_user_memory_region(mem_region) }.kvm("KVM_SET_USER_MEMORY_REGION")?;
+        }
+        fd.set_tss_address(TSS_ADDRESS).kvm("KVM_SET_TSS_ADDR")?;
+        fd.create_irq_chip().kvm("KVM_CREATE_IRQCHIP")?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).kvm("KVM_CREATE_PIT2")?;
+        Ok(Self { kvm, fd, memory })
+    }
+
+    /// The KVM system handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The VM file descriptor.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Make writes to `event` raise interrupt line `gsi` in the in-kernel irqchip.
+    pub fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<(), KvmError> {
+        self.fd.register_irqfd(event, gsi).kvm("KVM_IRQFD")
+    }
+}
