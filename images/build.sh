@@ -99,7 +99,7 @@ build_tools() {
     (cd "$AIODMA_ROOT" && cargo build --quiet --release --locked --target "$GUEST_TARGET" \
         -p aiodma-guest-tools) || die "guest tools build failed"
     TOOLS_DIR="$AIODMA_ROOT/target/$GUEST_TARGET/release"
-    step_done tools built "$start"
+    step_done tools cargo "$start"
 }
 
 # The base initramfs: busybox, /init, the guest tools, the module. Small on purpose: under
@@ -111,7 +111,7 @@ build_initramfs() {
     local start key out busybox tool
     start=$(now_ns)
     busybox=$(command -v busybox)
-    local inputs=("$busybox" "$IMAGES/init" "$IMAGES/l1init" "$MODULE")
+    local inputs=("$busybox" "$IMAGES/init" "$IMAGES/l1init" "$IMAGES/demo" "$MODULE")
     for tool in "${GUEST_TOOLS[@]}"; do inputs+=("$TOOLS_DIR/$tool"); done
     key=$(hash_inputs "${inputs[@]}" "$(basename "$(dirname "$MODULE")")" "${GUEST_TOOLS[*]}")
     out="$AIODMA_CACHE/initramfs/$key"
@@ -128,6 +128,7 @@ build_initramfs() {
         done
         install -m 0755 "$IMAGES/init" "$stage/init"
         install -m 0755 "$IMAGES/l1init" "$stage/l1init"
+        install -m 0755 "$IMAGES/demo" "$stage/bin/aiodma-demo"
         install -m 0644 "$MODULE" "$stage/lib/modules/aiodma.ko"
         for tool in "${GUEST_TOOLS[@]}"; do install -m 0755 "$TOOLS_DIR/$tool" "$stage/bin/$tool"; done
         echo 'root:x:0:0:root:/root:/bin/sh' > "$stage/etc/passwd"

@@ -453,10 +453,7 @@ mod tests {
         assert_eq!(l1.ecx & LEAF1_ECX_XSAVE_DEPS, LEAF1_ECX_XSAVE_DEPS);
         assert_eq!(find(&cpuid, 7, 0).ebx, 0xffff_ffff);
         assert_eq!(find(&cpuid, 0xd, 0).eax, 0x2e7);
-        assert_eq!(
-            find(&cpuid, 0x8000_0001, 0).ecx,
-            0xffff_ffff & !LEAF_8000_0001_ECX_SVM
-        );
+        assert_eq!(find(&cpuid, 0x8000_0001, 0).ecx, !LEAF_8000_0001_ECX_SVM);
     }
 
     #[test]
