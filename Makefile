@@ -36,8 +36,13 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
+# Every test binary runs (--no-fail-fast); the last line totals them, e.g. "tests: 98 passed, 0 failed".
 test: image vmm lint
-	$(CARGO) test --workspace --release --locked
+	@mkdir -p target
+	@set -o pipefail; $(CARGO) test --workspace --release --locked --no-fail-fast 2>&1 | tee target/test.log; \
+	status=$$?; \
+	awk '/^test result:/ { p += $$4; f += $$6 } END { printf "tests: %d passed, %d failed\n", p, f }' target/test.log; \
+	exit $$status
 
 clean-cache:
 	rm -rf "$${AIODMA_CACHE:-$$HOME/.cache/aiodma}" images/out
