@@ -5,6 +5,7 @@
 #   make image    kernel + module + tools + initramfs + fio layer (cached in ~/.cache/aiodma)
 #   make module   the guest kernel module only (fast)
 #   make vmm      the aiodma binary
+#   make bench    benchmarks (boot time and memory next to QEMU)
 #   make lint     rustfmt + clippy
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
@@ -14,7 +15,7 @@ AIODMA := target/release/aiodma
 # What `make run` shows inside the guest; override with `make run DEMO='...'`.
 DEMO ?= /bin/aiodma-demo
 
-.PHONY: all deps image module vmm run test lint clean-cache
+.PHONY: all deps image module vmm run test bench lint clean-cache
 all: image vmm
 
 deps:
@@ -31,6 +32,10 @@ vmm: deps
 
 run: image vmm
 	@$(AIODMA) run -- $(DEMO)
+
+# Benchmarks print tables; numbers measured in the emulated host say so.
+bench: image vmm
+	@$(AIODMA) bench boot
 
 lint:
 	$(CARGO) fmt --all --check

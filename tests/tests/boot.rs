@@ -157,3 +157,25 @@ fn bad_input_is_one_line_and_exit_2() {
     out.assert_code(2);
     out.assert_stderr_contains("double quote");
 }
+
+#[test]
+fn boot_bench_prints_both_vmms_and_their_ratio() {
+    let out = std::process::Command::new(aiodma_tests::aiodma_bin())
+        .current_dir(aiodma_tests::repo_root())
+        .args(["bench", "boot", "--runs", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let row = |name: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name}")))
+            .unwrap_or_else(|| panic!("no {name} row:\n{stdout}"))
+            .to_string()
+    };
+    assert!(row("aiodma ").contains(" ms"), "{stdout}");
+    assert!(row("QEMU microvm").contains(" ms"), "{stdout}");
+    assert!(stdout.contains("aiodma / QEMU, /bin/true total: "), "{stdout}");
+}

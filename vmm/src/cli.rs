@@ -31,6 +31,38 @@ pub enum Command {
     /// The exit status is the guest command's. Other codes: 2 bad input, 3 KVM failure,
     /// 101 guest kernel panic, 102 guest reset without an exit status, 124 timeout.
     Run(RunArgs),
+    /// Benchmarks that print a table.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `aiodma bench` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Boot time and VMM memory of aiodma next to QEMU's microvm (same kernel, initramfs and
+    /// guest command, same place), as medians.
+    Boot(BootBenchArgs),
+}
+
+/// `aiodma bench boot` flags.
+#[derive(Debug, Clone, Args)]
+pub struct BootBenchArgs {
+    /// Boots per VMM.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=100))]
+    pub runs: u16,
+
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub cpus: u8,
+
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(64..=1 << 20))]
+    pub memory: u64,
+
+    /// Where KVM comes from (see `aiodma run --help`).
+    #[arg(long, value_enum, default_value = "auto", env = "AIODMA_HOST")]
+    pub host: HostMode,
 }
 
 /// `aiodma run` flags.
@@ -132,7 +164,9 @@ mod tests {
             "-c", "exit 7",
         ])
         .unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("expected run");
+        };
         assert_eq!(args.cpus, 2);
         assert_eq!(args.memory, 512);
         assert_eq!(args.initrds, vec![PathBuf::from("a"), PathBuf::from("b")]);

@@ -4,8 +4,10 @@
 //! - `host`: where KVM comes from (this machine's, or the emulated host)
 //! - `arch`: x86_64 boot structures; `vstate`: KVM VM and vCPUs; `devices`: what the guest sees
 //! - `vmm`: builds and runs a VM; `exit`: why it stopped and the exit code
+//! - `bench`: benchmarks that print a table (boot time and memory next to QEMU)
 
 pub mod arch;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod devices;

@@ -6,9 +6,10 @@ use std::time::Instant;
 
 use clap::Parser;
 
-use aiodma_vmm::cli::{Cli, Command, HostMode, RunArgs};
+use aiodma_vmm::bench::{self, BootBench};
+use aiodma_vmm::cli::{BenchCommand, BootBenchArgs, Cli, Command, HostMode, RunArgs};
 use aiodma_vmm::config::{images_dir, VmConfig};
-use aiodma_vmm::exit::{StopReason, EXIT_BAD_INPUT};
+use aiodma_vmm::exit::{StopReason, EXIT_BAD_INPUT, EXIT_KVM_FAILURE};
 use aiodma_vmm::host::{self, emulated, KvmVerdict};
 use aiodma_vmm::vmm;
 
@@ -28,7 +29,57 @@ fn init_logging(level: log::LevelFilter) {
         .init();
 }
 
-fn run_direct(cfg: &VmConfig, vmm_start: Instant) -> u8 {
+/// Run `direct` on this machine's KVM, or this whole command line inside the emulated host,
+/// as `--host` and the KVM probe decide.
+fn on_host(
+    mode: HostMode,
+    guest_memory_mib: u64,
+    interactive: bool,
+    direct: impl FnOnce() -> u8,
+) -> u8 {
+    // Inside the emulated host KVM is real by construction: never recurse.
+    if std::env::var_os(host::IN_EMULATED_HOST_ENV).is_some() {
+        return direct();
+    }
+    let verdict = match mode {
+        HostMode::Emulated => None,
+        HostMode::Kvm | HostMode::Auto => Some(host::probe_kvm(std::path::Path::new("/"))),
+    };
+    match (mode, verdict) {
+        (_, Some(KvmVerdict::Usable)) => direct(),
+        (HostMode::Kvm, Some(KvmVerdict::Unusable(reason))) => {
+            log::error!("--host kvm: this machine's KVM cannot run the guest: {reason}");
+            EXIT_BAD_INPUT
+        }
+        (_, verdict) => {
+            match verdict {
+                Some(KvmVerdict::Unusable(reason)) => {
+                    log::info!(
+                        "not using this machine's KVM: {reason}; running in the emulated host"
+                    )
+                }
+                _ => log::info!("--host emulated: running in the emulated host"),
+            }
+            let images = images_dir();
+            let l1 = emulated::Level1 {
+                kernel: images.join("bzImage"),
+                initrd: images.join("initramfs.cpio.gz"),
+                guest_memory_mib,
+                interactive,
+            };
+            let raw_args: Vec<_> = std::env::args_os().skip(1).collect();
+            match emulated::run(&l1, &raw_args) {
+                Ok(code) => code,
+                Err(e) => {
+                    log::error!("{e}");
+                    e.exit_code()
+                }
+            }
+        }
+    }
+}
+
+fn run_vm(cfg: &VmConfig, vmm_start: Instant) -> u8 {
     match vmm::run(cfg, vmm_start) {
         Ok(stopped) => {
             let code = stopped.reason.exit_code();
@@ -55,53 +106,45 @@ fn run_direct(cfg: &VmConfig, vmm_start: Instant) -> u8 {
 }
 
 fn run(args: &RunArgs, vmm_start: Instant) -> u8 {
-    let cfg = match VmConfig::from_args(args) {
-        Ok(cfg) => cfg,
+    match VmConfig::from_args(args) {
+        Ok(cfg) => on_host(args.host, cfg.memory_mib, cfg.interactive, || {
+            run_vm(&cfg, vmm_start)
+        }),
         Err(e) => {
             log::error!("{e}");
-            return EXIT_BAD_INPUT;
-        }
-    };
-    // Inside the emulated host KVM is real by construction: never recurse.
-    if std::env::var_os(host::IN_EMULATED_HOST_ENV).is_some() {
-        return run_direct(&cfg, vmm_start);
-    }
-    let verdict = match args.host {
-        HostMode::Emulated => None,
-        HostMode::Kvm | HostMode::Auto => Some(host::probe_kvm(std::path::Path::new("/"))),
-    };
-    match (args.host, verdict) {
-        (_, Some(KvmVerdict::Usable)) => run_direct(&cfg, vmm_start),
-        (HostMode::Kvm, Some(KvmVerdict::Unusable(reason))) => {
-            log::error!("--host kvm: this machine's KVM cannot run the guest: {reason}");
             EXIT_BAD_INPUT
         }
-        (_, verdict) => {
-            match verdict {
-                Some(KvmVerdict::Unusable(reason)) => {
-                    log::info!(
-                        "not using this machine's KVM: {reason}; running in the emulated host"
-                    )
-                }
-                _ => log::info!("--host emulated: running in the emulated host"),
-            }
-            let images = images_dir();
-            let l1 = emulated::Level1 {
-                kernel: images.join("bzImage"),
-                initrd: images.join("initramfs.cpio.gz"),
-                guest_memory_mib: cfg.memory_mib,
-                interactive: cfg.interactive,
-            };
-            let raw_args: Vec<_> = std::env::args_os().skip(1).collect();
-            match emulated::run(&l1, &raw_args) {
-                Ok(code) => code,
-                Err(e) => {
-                    log::error!("{e}");
-                    e.exit_code()
-                }
-            }
+    }
+}
+
+fn bench_boot(args: &BootBenchArgs) -> u8 {
+    let images = images_dir();
+    let b = BootBench {
+        runs: args.runs.into(),
+        cpus: args.cpus,
+        memory_mib: args.memory,
+        kernel: images.join("bzImage"),
+        initrd: images.join("initramfs.cpio.gz"),
+        hide_xsave: std::env::var_os(host::IN_EMULATED_HOST_ENV).is_some(),
+    };
+    for path in [&b.kernel, &b.initrd] {
+        if !path.exists() {
+            log::error!(
+                "{} is missing (run `make image` to build the guest image)",
+                path.display()
+            );
+            return EXIT_BAD_INPUT;
         }
     }
+    on_host(args.host, args.memory, false, || {
+        match bench::run(&b, b.hide_xsave) {
+            Ok(()) => 0,
+            Err(e) => {
+                log::error!("bench boot: {e}");
+                EXIT_KVM_FAILURE
+            }
+        }
+    })
 }
 
 fn main() -> ExitCode {
@@ -110,6 +153,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_level.into());
     let code = match &cli.command {
         Command::Run(args) => run(args, vmm_start),
+        Command::Bench(BenchCommand::Boot(args)) => bench_boot(args),
     };
     ExitCode::from(code)
 }

@@ -173,6 +173,28 @@ impl MutEventSubscriber for StopWatcher {
     }
 }
 
+/// The VMM's own memory: resident set size minus the guest RAM pages that are resident.
+fn log_memory_overhead(vm: &Vm) {
+    let rss_kib = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+        });
+    match (rss_kib, vm.guest_resident_bytes()) {
+        (Some(rss), Ok(guest)) => log::debug!(
+            "memory: VMM overhead {} KiB (RSS {rss} KiB, resident guest RAM {} KiB)",
+            rss.saturating_sub(guest >> 10),
+            guest >> 10
+        ),
+        (_, Err(e)) => log::debug!("memory: cannot measure resident guest RAM: {e}"),
+        (None, _) => log::debug!("memory: cannot read VmRSS"),
+    }
+}
+
 /// A VM that stopped. vCPU threads may still sit in KVM_RUN on its memory, so the caller keeps
 /// this alive until the process exits (which ends those threads), as Firecracker does.
 #[derive(Debug)]
@@ -197,6 +219,8 @@ pub fn run(cfg: &VmConfig, vmm_start: Instant) -> Result<Stopped, VmmError> {
         .map_err(|e| VmmError::Initrd(e.to_string()))?;
     mem.write_slice(&initrd, initrd_addr)
         .map_err(|e| VmmError::Initrd(e.to_string()))?;
+    let initrd_len = initrd.len();
+    drop(initrd);
     let mut cmdline = cfg.cmdline.clone().into_bytes();
     cmdline.push(0);
     mem.write_slice(&cmdline, GuestAddress(arch::layout::CMDLINE_START))
@@ -205,7 +229,7 @@ pub fn run(cfg: &VmConfig, vmm_start: Instant) -> Result<Stopped, VmmError> {
         mem,
         GuestAddress(arch::layout::CMDLINE_START),
         cmdline.len(),
-        Some((initrd_addr, initrd.len())),
+        Some((initrd_addr, initrd_len)),
         cfg.cpus,
         setup_header,
     )
@@ -309,6 +333,7 @@ pub fn run(cfg: &VmConfig, vmm_start: Instant) -> Result<Stopped, VmmError> {
         }
     };
     serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
+    log_memory_overhead(&vm);
     if let (Some(d), StopReason::Timeout) = (cfg.timeout, &reason) {
         log::error!("guest did not finish within {} s", d.as_secs());
     }

@@ -59,6 +59,26 @@ impl Vm {
         &self.memory
     }
 
+    /// Bytes of guest RAM currently resident in host memory (pages the guest has touched).
+    pub fn guest_resident_bytes(&self) -> std::io::Result<u64> {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let page = usize::try_from(page).map_err(|_| std::io::Error::last_os_error())?;
+        let mut resident = 0u64;
+        for region in self.memory.iter() {
+            let len = region.len() as usize;
+            let mut vec = vec![0u8; len.div_ceil(page)];
+            // SAFETY: the range is one live mapping owned by `self.memory`; `vec` has one byte
+            // per page of it, as mincore requires.
+            let rc = unsafe { libc::mincore(region.as_ptr().cast(), len, vec.as_mut_ptr()) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            resident += vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * page as u64;
+        }
+        Ok(resident)
+    }
+
     /// Make writes to `event` raise interrupt line `gsi` in the in-kernel irqchip.
     pub fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<(), KvmError> {
         self.fd.register_irqfd(event, gsi).kvm("KVM_IRQFD")
