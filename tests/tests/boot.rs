@@ -177,5 +177,8 @@ fn boot_bench_prints_both_vmms_and_their_ratio() {
     };
     assert!(row("aiodma ").contains(" ms"), "{stdout}");
     assert!(row("QEMU microvm").contains(" ms"), "{stdout}");
-    assert!(stdout.contains("aiodma / QEMU, /bin/true total: "), "{stdout}");
+    assert!(
+        stdout.contains("aiodma / QEMU, /bin/true total: "),
+        "{stdout}"
+    );
 }

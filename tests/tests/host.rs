@@ -67,3 +67,28 @@ fn emulated_host_without_qemu_names_the_package() {
     out.assert_code(2);
     out.assert_stderr_contains("qemu-system-x86");
 }
+
+#[test]
+fn metrics_written_by_the_inner_run_reach_the_host() {
+    let dir = TempDir::new("metrics");
+    let path = dir.0.join("run.json");
+    Guest::new()
+        .flag("--metrics")
+        .flag(path.to_str().unwrap())
+        .sh("exit 5")
+        .assert_code(5);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["stop_reason"], "guest_exited", "{text}");
+    assert_eq!(json["guest_status"], 5, "{text}");
+    assert_eq!(json["emulated_host"], !kvm_usable(), "{text}");
+    assert!(json["userspace_reached_ms"].as_u64().unwrap() > 0, "{text}");
+    assert!(json["vmm_overhead_kib"].as_u64().unwrap() > 0, "{text}");
+
+    let out = Guest::new()
+        .flag("--metrics")
+        .flag("/nonexistent-dir/run.json")
+        .run(&["/bin/true"]);
+    out.assert_code(2);
+    out.assert_stderr_contains("--metrics /nonexistent-dir/run.json: directory");
+}

@@ -76,18 +76,11 @@ fn tempfile_path(tag: &str) -> PathBuf {
     std::env::temp_dir().join(format!("aiodma-bench-{}-{tag}", std::process::id()))
 }
 
-fn parse_number_after(text: &str, prefix: &str) -> Option<f64> {
-    let rest = &text[text.find(prefix)? + prefix.len()..];
-    let digits: String = rest
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.')
-        .collect();
-    digits.parse().ok()
-}
-
 fn ours(b: &BootBench, exe: &Path) -> Result<BootSample, String> {
+    let metrics_path = tempfile_path("metrics.json");
     let mut cmd = Command::new(exe);
-    cmd.args(["--log-level", "debug", "run", "--host", "kvm"])
+    cmd.args(["run", "--host", "kvm", "--metrics"])
+        .arg(&metrics_path)
         .arg("--cpus")
         .arg(b.cpus.to_string())
         .arg("--memory")
@@ -101,11 +94,16 @@ fn ours(b: &BootBench, exe: &Path) -> Result<BootSample, String> {
     if code != 0 {
         return Err(format!("aiodma exited {code}: {stderr}"));
     }
+    let metrics = std::fs::read_to_string(&metrics_path)
+        .map_err(|e| format!("--metrics {}: {e}", metrics_path.display()))?;
+    let _ = std::fs::remove_file(&metrics_path);
+    let metrics: serde_json::Value =
+        serde_json::from_str(&metrics).map_err(|e| format!("metrics JSON: {e}"))?;
     Ok(BootSample {
         total_ms,
-        userspace_ms: parse_number_after(&stderr, "guest userspace reached in "),
+        userspace_ms: metrics["userspace_reached_ms"].as_f64(),
         max_rss_kib,
-        overhead_kib: parse_number_after(&stderr, "memory: VMM overhead ").map(|k| k as u64),
+        overhead_kib: metrics["vmm_overhead_kib"].as_u64(),
     })
 }
 
@@ -269,20 +267,6 @@ pub fn run(b: &BootBench, emulated: bool) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_log_numbers() {
-        let log = "aiodma: guest userspace reached in 1234 ms\naiodma: debug: memory: VMM overhead 2472 KiB (RSS";
-        assert_eq!(
-            parse_number_after(log, "guest userspace reached in "),
-            Some(1234.0)
-        );
-        assert_eq!(
-            parse_number_after(log, "memory: VMM overhead "),
-            Some(2472.0)
-        );
-        assert_eq!(parse_number_after(log, "absent "), None);
-    }
 
     #[test]
     fn median_of_odd_and_even() {

@@ -98,6 +98,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub timeout: u64,
 
+    /// Write the run's metrics as JSON to PATH when the VM stops (its directory must exist;
+    /// in the emulated host it is shared read-write automatically).
+    #[arg(long, value_name = "PATH")]
+    pub metrics: Option<PathBuf>,
+
     /// Where KVM comes from: this machine's (kvm), an emulated KVM-capable host run under
     /// QEMU (emulated), or decide by probing this machine's KVM (auto).
     #[arg(long, value_enum, default_value = "auto", env = "AIODMA_HOST")]

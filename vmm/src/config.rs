@@ -41,6 +41,9 @@ pub enum ConfigError {
     /// The guest command cannot be expressed on the kernel command line.
     #[error("guest command: {0}")]
     Command(String),
+    /// The metrics file cannot be created where asked.
+    #[error("--metrics {0}: directory {1} does not exist")]
+    MetricsDir(PathBuf, PathBuf),
     /// The whole kernel command line is too long.
     #[error("kernel command line is {0} bytes; Linux accepts at most {max}", max = CMDLINE_CAPACITY - 1)]
     CmdlineTooLong(usize),
@@ -65,6 +68,8 @@ pub struct VmConfig {
     pub hide_xsave: bool,
     /// The guest runs an interactive shell: forward a terminal's keystrokes.
     pub interactive: bool,
+    /// Where to write the run's metrics (absolute).
+    pub metrics: Option<PathBuf>,
 }
 
 /// Where the image build publishes its artifacts: `$AIODMA_IMAGES`, else `images/out` in the
@@ -152,6 +157,17 @@ pub fn build_cmdline(append: Option<&str>, command: &[String]) -> Result<String,
     Ok(cmdline)
 }
 
+/// `path` made absolute, checking that its directory exists (the file itself may not).
+fn absolute_in_existing_dir(path: &Path) -> Result<PathBuf, ConfigError> {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let dir = absolute.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.is_dir() {
+        Ok(absolute)
+    } else {
+        Err(ConfigError::MetricsDir(path.to_path_buf(), dir))
+    }
+}
+
 impl VmConfig {
     /// Validate `args` into a configuration.
     pub fn from_args(args: &RunArgs) -> Result<Self, ConfigError> {
@@ -171,6 +187,11 @@ impl VmConfig {
             check_readable("initrd", extra, false)?;
             initrds.push(extra.clone());
         }
+        let metrics = args
+            .metrics
+            .as_deref()
+            .map(absolute_in_existing_dir)
+            .transpose()?;
         Ok(Self {
             kernel,
             initrds,
@@ -180,6 +201,7 @@ impl VmConfig {
             timeout: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
             hide_xsave: std::env::var_os(crate::host::IN_EMULATED_HOST_ENV).is_some(),
             interactive: args.command.is_empty(),
+            metrics,
         })
     }
 }

@@ -13,5 +13,6 @@ pub mod config;
 pub mod devices;
 pub mod exit;
 pub mod host;
+pub mod metrics;
 pub mod vmm;
 pub mod vstate;

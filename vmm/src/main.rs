@@ -31,10 +31,12 @@ fn init_logging(level: log::LevelFilter) {
 
 /// Run `direct` on this machine's KVM, or this whole command line inside the emulated host,
 /// as `--host` and the KVM probe decide.
+/// `writable`: host directories the inner run writes to (shared read-write in the emulated host).
 fn on_host(
     mode: HostMode,
     guest_memory_mib: u64,
     interactive: bool,
+    writable: Vec<std::path::PathBuf>,
     direct: impl FnOnce() -> u8,
 ) -> u8 {
     // Inside the emulated host KVM is real by construction: never recurse.
@@ -66,6 +68,7 @@ fn on_host(
                 initrd: images.join("initramfs.cpio.gz"),
                 guest_memory_mib,
                 interactive,
+                writable,
             };
             let raw_args: Vec<_> = std::env::args_os().skip(1).collect();
             match emulated::run(&l1, &raw_args) {
@@ -94,6 +97,11 @@ fn run_vm(cfg: &VmConfig, vmm_start: Instant) -> u8 {
                 StopReason::Timeout => {}
                 StopReason::VcpuFailed(msg) => log::error!("{msg}"),
             }
+            if let Some(path) = &cfg.metrics {
+                if let Err(e) = stopped.metrics.write(path) {
+                    log::error!("--metrics {}: {e}", path.display());
+                }
+            }
             // Exit with the VM still mapped: vCPU threads may be inside KVM_RUN.
             let _ = std::io::stdout().flush();
             std::process::exit(i32::from(code));
@@ -107,9 +115,16 @@ fn run_vm(cfg: &VmConfig, vmm_start: Instant) -> u8 {
 
 fn run(args: &RunArgs, vmm_start: Instant) -> u8 {
     match VmConfig::from_args(args) {
-        Ok(cfg) => on_host(args.host, cfg.memory_mib, cfg.interactive, || {
-            run_vm(&cfg, vmm_start)
-        }),
+        Ok(cfg) => {
+            let writable = cfg
+                .metrics
+                .iter()
+                .filter_map(|p| p.parent().map(Into::into))
+                .collect();
+            on_host(args.host, cfg.memory_mib, cfg.interactive, writable, || {
+                run_vm(&cfg, vmm_start)
+            })
+        }
         Err(e) => {
             log::error!("{e}");
             EXIT_BAD_INPUT
@@ -136,15 +151,19 @@ fn bench_boot(args: &BootBenchArgs) -> u8 {
             return EXIT_BAD_INPUT;
         }
     }
-    on_host(args.host, args.memory, false, || {
-        match bench::run(&b, b.hide_xsave) {
+    on_host(
+        args.host,
+        args.memory,
+        false,
+        Vec::new(),
+        || match bench::run(&b, b.hide_xsave) {
             Ok(()) => 0,
             Err(e) => {
                 log::error!("bench boot: {e}");
                 EXIT_KVM_FAILURE
             }
-        }
-    })
+        },
+    )
 }
 
 fn main() -> ExitCode {

@@ -24,6 +24,7 @@ use crate::devices::bus::Bus;
 use crate::devices::serial::{ConsoleOut, SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::{i8042, platform};
 use crate::exit::{StopReason, StopSignal};
+use crate::metrics::RunMetrics;
 use crate::vstate::vcpu::{Vcpu, VcpuContext};
 use crate::vstate::vm::Vm;
 use crate::vstate::{KvmContext, KvmError};
@@ -174,8 +175,8 @@ impl MutEventSubscriber for StopWatcher {
 }
 
 /// The VMM's own memory: resident set size minus the guest RAM pages that are resident.
-fn log_memory_overhead(vm: &Vm) {
-    let rss_kib = std::fs::read_to_string("/proc/self/status")
+fn measure_memory(vm: &Vm, metrics: &mut RunMetrics) {
+    metrics.vmm_rss_kib = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
             status
@@ -184,14 +185,16 @@ fn log_memory_overhead(vm: &Vm) {
                 .and_then(|v| v.split_whitespace().next())
                 .and_then(|v| v.parse::<u64>().ok())
         });
-    match (rss_kib, vm.guest_resident_bytes()) {
-        (Some(rss), Ok(guest)) => log::debug!(
-            "memory: VMM overhead {} KiB (RSS {rss} KiB, resident guest RAM {} KiB)",
-            rss.saturating_sub(guest >> 10),
-            guest >> 10
-        ),
-        (_, Err(e)) => log::debug!("memory: cannot measure resident guest RAM: {e}"),
-        (None, _) => log::debug!("memory: cannot read VmRSS"),
+    match vm.guest_resident_bytes() {
+        Ok(bytes) => metrics.guest_resident_kib = Some(bytes >> 10),
+        Err(e) => log::debug!("memory: cannot measure resident guest RAM: {e}"),
+    }
+    if let (Some(rss), Some(guest)) = (metrics.vmm_rss_kib, metrics.guest_resident_kib) {
+        let overhead = rss.saturating_sub(guest);
+        metrics.vmm_overhead_kib = Some(overhead);
+        log::debug!(
+            "memory: VMM overhead {overhead} KiB (RSS {rss} KiB, resident guest RAM {guest} KiB)"
+        );
     }
 }
 
@@ -201,6 +204,8 @@ fn log_memory_overhead(vm: &Vm) {
 pub struct Stopped {
     /// Why the VM stopped.
     pub reason: StopReason,
+    /// What the run measured.
+    pub metrics: RunMetrics,
     _vm: Vm,
 }
 
@@ -256,11 +261,12 @@ pub fn run(cfg: &VmConfig, vmm_start: Instant) -> Result<Stopped, VmmError> {
         i8042::LEN.into(),
     )
     .map_err(bus_err)?;
+    let platform_ports = Arc::new(Mutex::new(platform::PlatformPorts::new(
+        vmm_start,
+        stop.clone(),
+    )));
     pio.insert(
-        Arc::new(Mutex::new(platform::PlatformPorts::new(
-            vmm_start,
-            stop.clone(),
-        ))),
+        platform_ports.clone(),
         platform::BASE.into(),
         platform::LEN.into(),
     )
@@ -333,11 +339,28 @@ pub fn run(cfg: &VmConfig, vmm_start: Instant) -> Result<Stopped, VmmError> {
         }
     };
     serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
-    log_memory_overhead(&vm);
+    let mut metrics = RunMetrics {
+        emulated_host: cfg.hide_xsave,
+        vcpus: cfg.cpus,
+        memory_mib: cfg.memory_mib,
+        stopped_ms: u64::try_from(vmm_start.elapsed().as_millis()).unwrap_or(u64::MAX),
+        ..Default::default()
+    };
+    {
+        let ports = platform_ports.lock().unwrap_or_else(|p| p.into_inner());
+        metrics.userspace_reached_ms = ports.userspace_ms();
+        metrics.command_started_ms = ports.command_ms();
+    }
+    measure_memory(&vm, &mut metrics);
+    metrics.set_stop(&reason);
     if let (Some(d), StopReason::Timeout) = (cfg.timeout, &reason) {
         log::error!("guest did not finish within {} s", d.as_secs());
     }
-    Ok(Stopped { reason, _vm: vm })
+    Ok(Stopped {
+        reason,
+        metrics,
+        _vm: vm,
+    })
 }
 
 #[cfg(test)]

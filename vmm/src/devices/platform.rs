@@ -16,7 +16,8 @@ use crate::exit::{StopReason, StopSignal};
 pub struct PlatformPorts {
     vmm_start: Instant,
     stop: Arc<StopSignal>,
-    userspace_ms: Option<u128>,
+    userspace_ms: Option<u64>,
+    command_ms: Option<u64>,
 }
 
 /// First port of the device; it spans `EXIT_PORT..=PHASE_PORT`.
@@ -31,12 +32,18 @@ impl PlatformPorts {
             vmm_start,
             stop,
             userspace_ms: None,
+            command_ms: None,
         }
     }
 
     /// Milliseconds from VMM start to guest userspace, once reached.
-    pub fn userspace_ms(&self) -> Option<u128> {
+    pub fn userspace_ms(&self) -> Option<u64> {
         self.userspace_ms
+    }
+
+    /// Milliseconds from VMM start to the guest command's start, once reported.
+    pub fn command_ms(&self) -> Option<u64> {
+        self.command_ms
     }
 }
 
@@ -51,13 +58,16 @@ impl BusDevice for PlatformPorts {
         match port {
             platform::EXIT_PORT => self.stop.stop(StopReason::GuestExited(value)),
             platform::PHASE_PORT => {
-                let ms = self.vmm_start.elapsed().as_millis();
+                let ms = u64::try_from(self.vmm_start.elapsed().as_millis()).unwrap_or(u64::MAX);
                 match value {
                     platform::PHASE_USERSPACE => {
                         self.userspace_ms = Some(ms);
                         log::info!("guest userspace reached in {ms} ms");
                     }
-                    platform::PHASE_COMMAND => log::info!("guest command started at {ms} ms"),
+                    platform::PHASE_COMMAND => {
+                        self.command_ms = Some(ms);
+                        log::info!("guest command started at {ms} ms");
+                    }
                     other => log::debug!("guest phase {other} at {ms} ms"),
                 }
             }

@@ -86,6 +86,8 @@ pub struct Level1 {
     pub guest_memory_mib: u64,
     /// No guest command: forward the terminal.
     pub interactive: bool,
+    /// Host directories the inner run writes to (besides those of `AIODMA_WRITABLE`).
+    pub writable: Vec<PathBuf>,
 }
 
 /// Quote `s` for POSIX sh.
@@ -211,14 +213,32 @@ pub fn qemu_args(
     args.into_iter().map(OsString::from).collect()
 }
 
-fn writable_dirs() -> Result<Vec<PathBuf>, EmulatedError> {
-    let Some(list) = std::env::var_os(WRITABLE_ENV) else {
-        return Ok(Vec::new());
-    };
-    std::env::split_paths(&list)
-        .filter(|p| !p.as_os_str().is_empty())
-        .map(|p| p.canonicalize().map_err(|e| EmulatedError::Writable(p, e)))
-        .collect()
+/// The directories to share read-write: `extra` plus `AIODMA_WRITABLE`'s, canonical, without
+/// duplicates or directories inside another shared one.
+fn writable_dirs(extra: &[PathBuf]) -> Result<Vec<PathBuf>, EmulatedError> {
+    let from_env = std::env::var_os(WRITABLE_ENV).unwrap_or_default();
+    let mut dirs = Vec::new();
+    for dir in extra
+        .iter()
+        .cloned()
+        .chain(std::env::split_paths(&from_env))
+    {
+        if dir.as_os_str().is_empty() {
+            continue;
+        }
+        dirs.push(
+            dir.canonicalize()
+                .map_err(|e| EmulatedError::Writable(dir, e))?,
+        );
+    }
+    dirs.sort();
+    let mut kept: Vec<PathBuf> = Vec::new();
+    for dir in dirs {
+        if !kept.iter().any(|k| dir.starts_with(k)) {
+            kept.push(dir);
+        }
+    }
+    Ok(kept)
 }
 
 fn find_in_path(name: &str) -> Option<PathBuf> {
@@ -287,7 +307,7 @@ pub fn run(l1: &Level1, args: &[OsString]) -> Result<u8, EmulatedError> {
         initrd,
         ..l1.clone()
     };
-    let writable = writable_dirs()?;
+    let writable = writable_dirs(&l1.writable)?;
     let exe =
         std::env::current_exe().map_err(|e| EmulatedError::Io("locate the aiodma binary", e))?;
     let cwd = std::env::current_dir().map_err(|e| EmulatedError::Io("current directory", e))?;
@@ -423,6 +443,20 @@ mod tests {
     }
 
     #[test]
+    fn writable_dirs_are_canonical_and_not_nested() {
+        let base = std::env::temp_dir().canonicalize().unwrap();
+        let dir = base.join(format!("aiodma-writable-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("inner")).unwrap();
+        let got = writable_dirs(&[dir.join("inner"), dir.join("."), dir.clone()]).unwrap();
+        assert_eq!(got, vec![dir.clone()]);
+        assert!(matches!(
+            writable_dirs(&[dir.join("missing")]),
+            Err(EmulatedError::Writable(..))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn tsc_from_cpuinfo() {
         assert_eq!(
             tsc_khz("processor: 0\ncpu MHz\t\t: 2600.004\n"),
@@ -438,6 +472,7 @@ mod tests {
             initrd: "/i".into(),
             guest_memory_mib: 256,
             interactive: false,
+            writable: Vec::new(),
         };
         let args: Vec<String> = qemu_args(
             &l1,
