@@ -4,3 +4,4 @@
 //! kernel module and the guest tools).
 
 pub mod abi;
+pub mod engine;
