@@ -307,3 +307,42 @@ const _: () =
     assert!(bar0::NOTIFY + bar0::MAX_QUEUES as u64 * bar0::NOTIFY_STRIDE <= bar0::MSIX_TABLE);
 const _: () = assert!(bar0::MSIX_TABLE + 16 * bar0::MSIX_MAX_VECTORS as u64 <= bar0::MSIX_PBA);
 const _: () = assert!(bar0::MSIX_PBA + 8 <= bar0::SIZE);
+
+/// `/dev/aiodmaN` ioctls (the driver's userspace ABI).
+pub mod ioctl {
+    /// `_IOR('A', 1, DeviceInfo)`: device and driver information.
+    pub const INFO: u32 = (2 << 30)
+        | ((core::mem::size_of::<super::DeviceInfo>() as u32) << 16)
+        | ((b'A' as u32) << 8)
+        | 1;
+}
+
+/// What `ioctl::INFO` returns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// [`ABI_VERSION`] the driver was built with.
+    pub abi_version: u32,
+    /// Queues in use.
+    pub num_queues: u32,
+    /// Device capacity in bytes.
+    pub capacity: u64,
+    /// Negotiated features.
+    pub features: u64,
+    /// Most bytes per device request.
+    pub max_transfer: u32,
+    /// Most data segments per device request.
+    pub max_segments: u32,
+    /// Requests submitted to the device.
+    pub submitted: u64,
+    /// Asynchronous kiocbs completed through `ki_complete`.
+    pub async_completions: u64,
+    /// Synchronous requests completed.
+    pub sync_completions: u64,
+    /// Requests that ended with an error.
+    pub errors: u64,
+    /// Bytes transferred.
+    pub bytes: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<DeviceInfo>() == 72);

@@ -1,0 +1,112 @@
+// SPDX-License-Identifier: GPL-2.0
+//! The kiocb shim: the only code that reads or completes a `struct kiocb` behind the kernel's
+//! back. Linux 7.3's `fs::Kiocb` is a borrowed view with no asynchronous completion, so an
+//! owned completion obligation lives here.
+
+use core::ptr::NonNull;
+
+use kernel::{bindings, prelude::*};
+
+/// `FMODE_NOWAIT` (include/linux/fs.h): a `__force` cast bindgen does not export.
+pub(crate) const FMODE_NOWAIT: u32 = 1 << 27;
+/// `FMODE_CAN_ODIRECT` (include/linux/fs.h), likewise.
+pub(crate) const FMODE_CAN_ODIRECT: u32 = 1 << 22;
+/// `IOCB_NOWAIT` = `RWF_NOWAIT` (include/linux/fs.h, include/uapi/linux/fs.h).
+pub(crate) const IOCB_NOWAIT: i32 = 0x8;
+
+/// A kiocb handed to `read_iter`/`write_iter`, valid for the duration of that call.
+#[derive(Clone, Copy)]
+pub(crate) struct KiocbRef(NonNull<bindings::kiocb>);
+
+impl KiocbRef {
+    /// # Safety
+    /// `k` is the kiocb of a `read_iter`/`write_iter` call that is still running.
+    pub(crate) unsafe fn new(k: *mut bindings::kiocb) -> Option<Self> {
+        NonNull::new(k).map(Self)
+    }
+
+    /// A synchronous kiocb (plain read/write): the caller waits for our return value.
+    pub(crate) fn is_sync(self) -> bool {
+        // SAFETY: valid for the call (type invariant of `new`'s caller contract).
+        unsafe { (*self.0.as_ptr()).ki_complete.is_none() }
+    }
+
+    /// The caller must not sleep for resources (io_uring inline issue, RWF_NOWAIT).
+    pub(crate) fn nowait(self) -> bool {
+        // SAFETY: as above.
+        unsafe { (*self.0.as_ptr()).ki_flags & IOCB_NOWAIT != 0 }
+    }
+
+    /// The file position of this request.
+    pub(crate) fn pos(self) -> i64 {
+        // SAFETY: as above.
+        unsafe { (*self.0.as_ptr()).ki_pos }
+    }
+
+    /// Advance the position (synchronous requests, after a transfer).
+    pub(crate) fn advance(self, bytes: usize) {
+        // SAFETY: as above; only the thread running the call touches ki_pos of a sync kiocb.
+        unsafe { (*self.0.as_ptr()).ki_pos += bytes as i64 }
+    }
+
+    /// The file's private data (our `OpenFile`).
+    pub(crate) fn private_data(self) -> *mut core::ffi::c_void {
+        // SAFETY: as above; the kiocb holds a reference on its file.
+        unsafe { (*(*self.0.as_ptr()).ki_filp).private_data }
+    }
+
+    /// Take on the obligation to complete this asynchronous kiocb.
+    ///
+    /// # Safety
+    /// The running `read_iter`/`write_iter` must return `-EIOCBQUEUED` if this returns `Some`
+    /// (including when a later step fails: complete with the error, still return
+    /// `-EIOCBQUEUED`).
+    pub(crate) unsafe fn into_pending(self) -> Option<PendingIocb> {
+        if self.is_sync() {
+            None
+        } else {
+            Some(PendingIocb(self.0))
+        }
+    }
+}
+
+/// The obligation to complete one asynchronous kiocb exactly once.
+///
+/// # Invariants
+/// The kiocb is asynchronous (`ki_complete` is set), not yet completed, and its submitter
+/// returned `-EIOCBQUEUED`, so aio / io_uring keep it alive until `ki_complete`.
+pub(crate) struct PendingIocb(NonNull<bindings::kiocb>);
+
+// SAFETY: `ki_complete` may run on any CPU and in any context, hard IRQ included (aio and
+// io_uring both defer their own work from it).
+unsafe impl Send for PendingIocb {}
+
+impl PendingIocb {
+    /// Complete with `res`: a byte count, or a negative errno.
+    pub(crate) fn complete(self, res: isize) {
+        let k = self.0.as_ptr();
+        core::mem::forget(self);
+        // SAFETY: by the type invariant the kiocb is live and `ki_complete` is set; after this
+        // call it may be freed, and `self` was consumed so it is never touched again.
+        unsafe {
+            if let Some(done) = (*k).ki_complete {
+                done(k, res as _);
+            }
+        }
+    }
+}
+
+impl Drop for PendingIocb {
+    fn drop(&mut self) {
+        // Never silently lose a completion: aio's exit path and io_uring teardown would wait on
+        // it forever.
+        pr_warn!("pending kiocb dropped without completion; completing with -EIO\n");
+        let k = self.0.as_ptr();
+        // SAFETY: as in `complete`; `drop` runs at most once.
+        unsafe {
+            if let Some(done) = (*k).ki_complete {
+                done(k, EIO.to_errno() as _);
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+// SPDX-License-Identifier: GPL-2.0
+//! Zero-copy data path: the caller's buffer pages are pinned and DMA-mapped at submit, and
+//! unmapped and unpinned (dirtied for reads) when the device has finished with them. The device
+//! reads or writes user memory directly; no copy happens on either side.
+
+use kernel::{bindings, prelude::*};
+
+/// One contiguous DMA segment.
+#[derive(Clone, Copy)]
+pub(crate) struct Segment {
+    pub(crate) addr: u64,
+    pub(crate) len: u32,
+}
+
+/// A pinned and mapped user (or kernel) buffer.
+pub(crate) struct Mapping {
+    dev: *mut bindings::device,
+    pages: KVec<*mut bindings::page>,
+    segments: KVec<Segment>,
+    /// Whether `iov_iter_extract_pages` pinned the pages (user-backed iterators only; bvec and
+    /// kvec iterators point at memory their owner keeps alive).
+    pinned: bool,
+    /// Whether the device writes the memory (a read).
+    from_device: bool,
+    bytes: usize,
+}
+
+// SAFETY: the raw pointers are a device that outlives the mapping (the mapping is released
+// before unbind completes) and pinned pages; both may be used from any thread.
+unsafe impl Send for Mapping {}
+
+const PAGE_SIZE: usize = bindings::PAGE_SIZE as usize;
+
+fn direction(from_device: bool) -> bindings::dma_data_direction {
+    if from_device {
+        bindings::dma_data_direction::DMA_FROM_DEVICE
+    } else {
+        bindings::dma_data_direction::DMA_TO_DEVICE
+    }
+}
+
+impl Mapping {
+    /// Pin and map up to `max_bytes` of `iter` in at most `max_segments` pages. Advances `iter`
+    /// past what was taken. The result may be shorter than asked (a short transfer).
+    ///
+    /// # Safety
+    /// `iter` is a live iterator of the running `read_iter`/`write_iter`, and `dev` the bound
+    /// device doing the DMA.
+    pub(crate) unsafe fn new(
+        dev: *mut bindings::device,
+        iter: *mut bindings::iov_iter,
+        max_bytes: usize,
+        max_segments: usize,
+        from_device: bool,
+    ) -> Result<Self> {
+        // SAFETY: the caller guarantees `iter` is live.
+        let iter_type = u32::from(unsafe { (*iter).iter_type });
+        let pinned = iter_type == bindings::iter_type_ITER_UBUF
+            || iter_type == bindings::iter_type_ITER_IOVEC;
+        let mut m = Mapping {
+            dev,
+            pages: KVec::with_capacity(max_segments, GFP_KERNEL)?,
+            segments: KVec::with_capacity(max_segments, GFP_KERNEL)?,
+            pinned,
+            from_device,
+            bytes: 0,
+        };
+        let mut first_offset = 0usize;
+        let mut buf = m.pages.as_mut_ptr();
+        // SAFETY: `buf` has room for `max_segments` page pointers; the call fills at most that
+        // many and advances `iter` by the returned byte count.
+        let got = unsafe {
+            bindings::iov_iter_extract_pages(
+                iter,
+                &mut buf,
+                max_bytes,
+                max_segments as u32,
+                0,
+                &mut first_offset,
+            )
+        };
+        if got < 0 {
+            return Err(Error::from_errno(got as i32));
+        }
+        let got = got as usize;
+        let npages = (first_offset + got).div_ceil(PAGE_SIZE);
+        // SAFETY: the call initialised `npages` entries of the buffer we own.
+        unsafe { m.pages.inc_len(npages) };
+        // Map each page's part of the buffer.
+        let mut left = got;
+        let mut offset = first_offset;
+        for i in 0..npages {
+            let len = (PAGE_SIZE - offset).min(left);
+            // SAFETY: the page is pinned (or owned by the iterator's owner) and `dev` is bound.
+            let addr = unsafe {
+                bindings::dma_map_page_attrs(dev, m.pages[i], offset, len, direction(from_device), 0)
+            };
+            if addr == u64::MAX {
+                // `m` drops: unmaps what was mapped, unpins everything.
+                return Err(ENOMEM);
+            }
+            // CAST: len <= PAGE_SIZE.
+            m.segments.push(Segment { addr, len: len as u32 }, GFP_KERNEL)?;
+            m.bytes += len;
+            left -= len;
+            offset = 0;
+        }
+        Ok(m)
+    }
+
+    /// Bytes covered.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The DMA segments.
+    pub(crate) fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        for s in self.segments.iter() {
+            // SAFETY: each segment was mapped by `new` with this device and direction.
+            unsafe {
+                bindings::dma_unmap_page_attrs(
+                    self.dev,
+                    s.addr,
+                    s.len as usize,
+                    direction(self.from_device),
+                    0,
+                )
+            };
+        }
+        if self.pinned && !self.pages.is_empty() {
+            // SAFETY: the pages were pinned by iov_iter_extract_pages; reads dirtied them.
+            unsafe {
+                bindings::unpin_user_pages_dirty_lock(
+                    self.pages.as_mut_ptr(),
+                    self.pages.len() as _,
+                    self.from_device,
+                )
+            };
+        }
+    }
+}
