@@ -12,7 +12,7 @@ source "$(dirname "$0")/lib.sh"
 IMAGES="$AIODMA_ROOT/images"
 JOBS=${JOBS:-$(nproc)}
 GUEST_TARGET=x86_64-unknown-linux-musl
-GUEST_TOOLS=(aiodma-guest)
+GUEST_TOOLS=(aiodma-guest aiodma-aio)
 
 toolchain_id() {
     printf '%s|%s|%s|%s' "$(rustc --version)" "$(bindgen --version 2>&1 | head -n1)" \

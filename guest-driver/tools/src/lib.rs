@@ -3,4 +3,5 @@
 #[path = "../../../device/src/abi.rs"]
 pub mod abi;
 
+pub mod aio;
 pub mod port;
