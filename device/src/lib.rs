@@ -4,4 +4,11 @@
 //! kernel module and the guest tools).
 
 pub mod abi;
+pub mod backend;
+pub mod core;
 pub mod engine;
+pub mod fault;
+pub mod metrics;
+pub mod pci;
+pub mod request;
+pub mod transport;

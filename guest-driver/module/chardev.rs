@@ -131,7 +131,8 @@ fn rw(kiocb: *mut bindings::kiocb, iter: *mut bindings::iov_iter, op: u32) -> is
     let of = unsafe { borrow_file(k.private_data()) };
     let nowait = k.nowait();
     let pos = k.pos();
-    // SAFETY: if this yields a pending kiocb we return -EIOCBQUEUED below, whatever happens.
+    // SAFETY: `submit` either queues the kiocb (we return -EIOCBQUEUED) or disowns it before
+    // returning a result or an error, which we return.
     let pending = unsafe { k.into_pending() };
     let is_async = pending.is_some();
     if is_async {
@@ -144,12 +145,12 @@ fn rw(kiocb: *mut bindings::kiocb, iter: *mut bindings::iov_iter, op: u32) -> is
             n as isize
         }
         Ok(Submitted::Queued) => EIOCBQUEUED.to_errno() as isize,
-        Err(e) if is_async => {
-            // `submit` completes the kiocb itself on failure once it owns it.
-            pr_warn!("async submit failed after taking the kiocb: {:?}\n", e);
-            EIOCBQUEUED.to_errno() as isize
+        Err(e) => {
+            if is_async {
+                crate::kdebug!("kiocb {:p}: not queued: {:?}\n", kiocb, e);
+            }
+            e.to_errno() as isize
         }
-        Err(e) => e.to_errno() as isize,
     }
 }
 

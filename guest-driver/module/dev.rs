@@ -104,6 +104,19 @@ fn status_to_result(status: u8, len: usize) -> isize {
     }
 }
 
+/// Bytes left in a live iterator of either direction.
+fn iter_len(it: *mut bindings::iov_iter) -> usize {
+    // SAFETY: callers pass the live iterator of the running file operation; the view types
+    // below assert the direction, so pick the one matching `data_source`.
+    unsafe {
+        if (*it).data_source {
+            kernel::iov::IovIterSource::from_raw(it).len()
+        } else {
+            kernel::iov::IovIterDest::from_raw(it).len()
+        }
+    }
+}
+
 impl AioDev {
     /// Set up `num_queues` rings of `size` entries and a shared device.
     pub(crate) fn new(
@@ -182,9 +195,13 @@ impl AioDev {
 
     /// Submit one request. `iter` is the caller's buffer (None for FLUSH).
     ///
+    /// Returns `Done(n)` (the caller returns `n`; an async kiocb was disowned), `Queued` (the
+    /// caller returns `-EIOCBQUEUED`; the kiocb completes later), or an error for the caller
+    /// to return (an async kiocb was disowned).
+    ///
     /// # Safety
-    /// `iter` is the live iterator of the running file operation; if `pending` is `Some` the
-    /// caller returns `-EIOCBQUEUED` whatever this returns.
+    /// `iter` is the live iterator of the running file operation; `pending` is its kiocb's
+    /// completion obligation, if asynchronous.
     pub(crate) unsafe fn submit(
         &self,
         op: u32,
@@ -193,14 +210,20 @@ impl AioDev {
         mut pending: Option<PendingIocb>,
         nowait: bool,
     ) -> Result<Submitted> {
+        // Before the request reaches the device, failures go back to the caller directly: an
+        // async kiocb is disowned, so aio/io_uring complete it (and io_uring retries -EAGAIN
+        // from a worker without IOCB_NOWAIT).
         let fail = |pending: Option<PendingIocb>, e: Error| -> Result<Submitted> {
-            match pending {
-                Some(p) => {
-                    p.complete(e.to_errno() as isize);
-                    Ok(Submitted::Queued)
-                }
-                None => Err(e),
+            if let Some(p) = pending {
+                p.disown();
             }
+            Err(e)
+        };
+        let done_now = |pending: Option<PendingIocb>, n: usize| -> Result<Submitted> {
+            if let Some(p) = pending {
+                p.disown();
+            }
+            Ok(Submitted::Done(n))
         };
         if self.dead.load(Relaxed) {
             return fail(pending, ENODEV);
@@ -208,32 +231,21 @@ impl AioDev {
         let cap = self.config.capacity;
         let mapping = match iter {
             Some(it) => {
-                // SAFETY: the caller guarantees `it` is live.
-                let want = unsafe { kernel::iov::IovIterSource::from_raw(it) }.len();
+                let want = iter_len(it);
                 if pos < 0 {
                     return fail(pending, EINVAL);
                 }
                 let pos = pos as u64;
                 if pos >= cap {
-                    return if op == abi::op::WRITE { fail(pending, ENOSPC) } else {
-                        match pending.take() {
-                            Some(p) => {
-                                p.complete(0);
-                                Ok(Submitted::Queued)
-                            }
-                            None => Ok(Submitted::Done(0)),
-                        }
+                    return if op == abi::op::WRITE {
+                        fail(pending, ENOSPC)
+                    } else {
+                        done_now(pending, 0)
                     };
                 }
                 let len = (want as u64).min(cap - pos).min(u64::from(self.config.max_transfer)) as usize;
                 if len == 0 {
-                    return match pending.take() {
-                        Some(p) => {
-                            p.complete(0);
-                            Ok(Submitted::Queued)
-                        }
-                        None => Ok(Submitted::Done(0)),
-                    };
+                    return done_now(pending, 0);
                 }
                 let segs = (self.config.max_segments as usize).min(64);
                 // SAFETY: `it` is live (caller contract) and the device is bound while not dead.

@@ -58,9 +58,8 @@ impl KiocbRef {
     /// Take on the obligation to complete this asynchronous kiocb.
     ///
     /// # Safety
-    /// The running `read_iter`/`write_iter` must return `-EIOCBQUEUED` if this returns `Some`
-    /// (including when a later step fails: complete with the error, still return
-    /// `-EIOCBQUEUED`).
+    /// If this returns `Some`, the running `read_iter`/`write_iter` must return `-EIOCBQUEUED`
+    /// unless it first gives the obligation back with [`PendingIocb::disown`].
     pub(crate) unsafe fn into_pending(self) -> Option<PendingIocb> {
         if self.is_sync() {
             None
@@ -82,6 +81,12 @@ pub(crate) struct PendingIocb(NonNull<bindings::kiocb>);
 unsafe impl Send for PendingIocb {}
 
 impl PendingIocb {
+    /// Give the obligation back: the submitter returns an error (not `-EIOCBQUEUED`), and aio
+    /// or io_uring complete the request themselves (io_uring retries `-EAGAIN` from a worker).
+    pub(crate) fn disown(self) {
+        core::mem::forget(self);
+    }
+
     /// Complete with `res`: a byte count, or a negative errno.
     pub(crate) fn complete(self, res: isize) {
         let k = self.0.as_ptr();

@@ -65,45 +65,59 @@ impl Mapping {
             from_device,
             bytes: 0,
         };
-        let mut first_offset = 0usize;
-        let mut buf = m.pages.as_mut_ptr();
-        // SAFETY: `buf` has room for `max_segments` page pointers; the call fills at most that
-        // many and advances `iter` by the returned byte count.
-        let got = unsafe {
-            bindings::iov_iter_extract_pages(
-                iter,
-                &mut buf,
-                max_bytes,
-                max_segments as u32,
-                0,
-                &mut first_offset,
-            )
-        };
-        if got < 0 {
-            return Err(Error::from_errno(got as i32));
-        }
-        let got = got as usize;
-        let npages = (first_offset + got).div_ceil(PAGE_SIZE);
-        // SAFETY: the call initialised `npages` entries of the buffer we own.
-        unsafe { m.pages.inc_len(npages) };
-        // Map each page's part of the buffer.
-        let mut left = got;
-        let mut offset = first_offset;
-        for i in 0..npages {
-            let len = (PAGE_SIZE - offset).min(left);
-            // SAFETY: the page is pinned (or owned by the iterator's owner) and `dev` is bound.
-            let addr = unsafe {
-                bindings::dma_map_page_attrs(dev, m.pages[i], offset, len, direction(from_device), 0)
+        // One extraction covers one contiguous run of the iterator (one iovec of several), so
+        // extract until the request is full, the page budget is spent or the buffer ends.
+        while m.bytes < max_bytes && m.pages.len() < max_segments {
+            let room = max_segments - m.pages.len();
+            let mut first_offset = 0usize;
+            // SAFETY: `pages` has capacity `max_segments`, so the spare tail holds `room`
+            // pointers.
+            let mut buf = unsafe { m.pages.as_mut_ptr().add(m.pages.len()) };
+            // SAFETY: `buf` has room for `room` page pointers; the call fills at most that many
+            // and advances `iter` by the returned byte count.
+            let got = unsafe {
+                bindings::iov_iter_extract_pages(
+                    iter,
+                    &mut buf,
+                    max_bytes - m.bytes,
+                    room as u32,
+                    0,
+                    &mut first_offset,
+                )
             };
-            if addr == u64::MAX {
-                // `m` drops: unmaps what was mapped, unpins everything.
-                return Err(ENOMEM);
+            if got < 0 {
+                if m.bytes > 0 {
+                    break;
+                }
+                return Err(Error::from_errno(got as i32));
             }
-            // CAST: len <= PAGE_SIZE.
-            m.segments.push(Segment { addr, len: len as u32 }, GFP_KERNEL)?;
-            m.bytes += len;
-            left -= len;
-            offset = 0;
+            if got == 0 {
+                break;
+            }
+            let got = got as usize;
+            let npages = (first_offset + got).div_ceil(PAGE_SIZE);
+            let first = m.pages.len();
+            // SAFETY: the call initialised `npages` entries after the current length.
+            unsafe { m.pages.inc_len(npages) };
+            let mut left = got;
+            let mut offset = first_offset;
+            for i in first..first + npages {
+                let len = (PAGE_SIZE - offset).min(left);
+                // SAFETY: the page is pinned (or owned by the iterator's owner) and `dev` is
+                // bound.
+                let addr = unsafe {
+                    bindings::dma_map_page_attrs(dev, m.pages[i], offset, len, direction(from_device), 0)
+                };
+                if addr == u64::MAX {
+                    // `m` drops: unmaps what was mapped, unpins every extracted page.
+                    return Err(ENOMEM);
+                }
+                // CAST: len <= PAGE_SIZE.
+                m.segments.push(Segment { addr, len: len as u32 }, GFP_KERNEL)?;
+                m.bytes += len;
+                left -= len;
+                offset = 0;
+            }
         }
         Ok(m)
     }

@@ -2,7 +2,31 @@
 
 use std::path::PathBuf;
 
+use aiodma_device::abi;
+use aiodma_device::backend::Backing;
+use aiodma_device::fault::FaultRule;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// `--backing`: the engine's syntax (its messages name the bad part).
+fn parse_backing(s: &str) -> Result<Backing, String> {
+    Backing::parse(s).map_err(|e| e.to_string())
+}
+
+/// `--fault`: the engine's syntax (its messages name the rule and the bad part).
+fn parse_fault(s: &str) -> Result<FaultRule, String> {
+    FaultRule::parse(s).map_err(|e| e.to_string())
+}
+
+/// `--queue-size`: a power of two that a split virtqueue can have.
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number (expected a power of two in 1..=32768)"))?;
+    match u16::try_from(n) {
+        Ok(n) if n.is_power_of_two() && n <= 32768 => Ok(n),
+        _ => Err(format!("{n} is not a power of two in 1..=32768")),
+    }
+}
 
 /// A workbench for asynchronous I/O device drivers: boots the aiodma test guest under KVM.
 #[derive(Debug, Parser)]
@@ -24,6 +48,8 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// Parsed once at start and matched by reference: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot the test guest and run GUEST_COMMAND in it (a shell when none is given).
@@ -98,8 +124,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub timeout: u64,
 
-    /// Write the run's metrics as JSON to PATH when the VM stops (its directory must exist;
-    /// in the emulated host it is shared read-write automatically).
+    /// Write the run's metrics (including the DMA device's counters) as JSON to PATH when the
+    /// VM stops, and on SIGUSR1 while it runs (direct KVM only). Its directory must exist; in
+    /// the emulated host it is shared read-write automatically.
     #[arg(long, value_name = "PATH")]
     pub metrics: Option<PathBuf>,
 
@@ -107,6 +134,44 @@ pub struct RunArgs {
     /// QEMU (emulated), or decide by probing this machine's KVM (auto).
     #[arg(long, value_enum, default_value = "auto", env = "AIODMA_HOST")]
     pub host: HostMode,
+
+    /// Number of queues, 1..=63 (each has its own MSI-X vector). Default: one per vCPU.
+    #[arg(long, value_name = "N", help_heading = "DMA device",
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(abi::bar0::MAX_QUEUES)))]
+    pub queues: Option<u16>,
+
+    /// Largest queue size the driver may choose, a power of two in 1..=32768.
+    #[arg(long, value_name = "N", default_value_t = 256, help_heading = "DMA device",
+          value_parser = parse_queue_size)]
+    pub queue_size: u16,
+
+    /// The store: `mem:SIZE` (anonymous memory, e.g. mem:64M, mem:1G) or the path
+    /// of an existing file or block device (its size is the capacity; in the emulated host its
+    /// directory is shared read-write automatically).
+    #[arg(long, value_name = "mem:SIZE|PATH", default_value = "mem:64M",
+          help_heading = "DMA device", value_parser = parse_backing)]
+    pub backing: Backing,
+
+    /// Inject faults, KIND:key=val,... (repeatable, applied in order), e.g.
+    /// error:p=0.01, delay:every=10,min=100us,max=2ms, drop:p=0.001,op=write, hang:after=1000.
+    /// See device/SPEC.md section 7.
+    #[arg(long = "fault", value_name = "KIND:key=val,...", help_heading = "DMA device",
+          value_parser = parse_fault)]
+    pub faults: Vec<FaultRule>,
+
+    /// Seed of the fault injector's PRNG (same seed and request order: same faults).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        help_heading = "DMA device"
+    )]
+    pub fault_seed: u64,
+
+    /// Boot without the DMA device (the PCI bus then holds only the host bridge).
+    #[arg(long, help_heading = "DMA device",
+          conflicts_with_all = ["queues", "queue_size", "backing", "faults", "fault_seed"])]
+    pub no_device: bool,
 
     /// Command to run in the guest (after `--`).
     #[arg(last = true, value_name = "GUEST_COMMAND")]
@@ -178,6 +243,62 @@ mod tests {
         assert_eq!(args.command, vec!["sh", "-c", "exit 7"]);
     }
 
+    fn run_args(args: &[&str]) -> RunArgs {
+        let argv: Vec<&str> = std::iter::once("run").chain(args.iter().copied()).collect();
+        match parse(&argv).unwrap().command {
+            Command::Run(args) => args,
+            other => panic!("expected run, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn device_flags_and_defaults() {
+        let a = run_args(&[]);
+        assert_eq!(
+            (a.queues, a.queue_size, a.fault_seed, a.no_device),
+            (None, 256, 0, false)
+        );
+        let a = run_args(&["--queues", "4", "--queue-size", "1024", "--fault-seed", "9"]);
+        assert_eq!((a.queues, a.queue_size, a.fault_seed), (Some(4), 1024, 9));
+        assert_eq!(run_args(&["--queue-size", "32768"]).queue_size, 32768);
+        assert_eq!(run_args(&["--queue-size", "1"]).queue_size, 1);
+        assert!(run_args(&["--no-device"]).no_device);
+        assert_eq!(run_args(&[]).backing, Backing::parse("mem:64M").unwrap());
+        assert!(run_args(&[]).faults.is_empty());
+        let a = run_args(&[
+            "--backing",
+            "mem:1G",
+            "--fault",
+            "error:p=0.5",
+            "--fault",
+            "hang:after=3",
+        ]);
+        assert_eq!(a.backing, Backing::Memory { size: 1 << 30 });
+        assert_eq!(
+            a.faults,
+            vec![
+                FaultRule::parse("error:p=0.5").unwrap(),
+                FaultRule::parse("hang:after=3").unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_device_values_name_the_bad_part() {
+        for (args, needle) in [
+            (&["run", "--backing", "mem:abc"][..], "abc"),
+            (&["run", "--fault", "explode:p=1"], "explode"),
+            (&["run", "--queue-size", "100"], "100 is not a power of two"),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+            let first = err.render().to_string();
+            let first = first.lines().next().unwrap();
+            assert!(first.contains(needle), "{first}");
+            assert!(first.contains(args[1]), "{first}");
+        }
+    }
+
     #[test]
     fn bad_flags_are_usage_errors() {
         for bad in [
@@ -185,6 +306,16 @@ mod tests {
             &["run", "--memory", "1"],
             &["run", "--host", "xen"],
             &["run", "--bogus"],
+            &["run", "--queues", "0"],
+            &["run", "--queues", "64"],
+            &["run", "--queue-size", "100"],
+            &["run", "--queue-size", "0"],
+            &["run", "--queue-size", "65536"],
+            &["run", "--queue-size", "x"],
+            &["run", "--no-device", "--queues", "2"],
+            &["run", "--no-device", "--backing", "mem:1M"],
+            &["run", "--backing", ""],
+            &["run", "--fault", "error"],
         ] {
             let err = parse(bad).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{bad:?}");

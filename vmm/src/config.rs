@@ -6,6 +6,10 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use aiodma_device::abi;
+use aiodma_device::backend::Backing;
+use aiodma_device::fault::FaultRule;
+
 use crate::cli::RunArgs;
 
 /// Kernel parameters every boot gets. `reboot=t` + `panic=-1`: a panic or reboot triple-faults at
@@ -41,6 +45,9 @@ pub enum ConfigError {
     /// The guest command cannot be expressed on the kernel command line.
     #[error("guest command: {0}")]
     Command(String),
+    /// The `--backing` file is unusable.
+    #[error("--backing {0}: {1}")]
+    Backing(PathBuf, String),
     /// The metrics file cannot be created where asked.
     #[error("--metrics {0}: directory {1} does not exist")]
     MetricsDir(PathBuf, PathBuf),
@@ -70,6 +77,80 @@ pub struct VmConfig {
     pub interactive: bool,
     /// Where to write the run's metrics (absolute).
     pub metrics: Option<PathBuf>,
+    /// The DMA device, unless `--no-device`.
+    pub device: Option<DeviceSpec>,
+}
+
+/// The DMA device's flags.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceSpec {
+    /// Number of queues (`--queues`; default one per vCPU).
+    pub queues: u16,
+    /// Largest queue size (`--queue-size`).
+    pub queue_size: u16,
+    /// The store (`--backing`); a file path is absolute.
+    pub backing: Backing,
+    /// Fault rules (`--fault`), in order.
+    pub faults: Vec<FaultRule>,
+    /// Fault injector seed (`--fault-seed`).
+    pub fault_seed: u64,
+}
+
+impl DeviceSpec {
+    /// The device `args` describe, or `None` with `--no-device`. A backing file must exist, be a
+    /// regular file (not empty) or a block device, and be readable and writable.
+    pub fn from_args(args: &RunArgs) -> Result<Option<Self>, ConfigError> {
+        if args.no_device {
+            return Ok(None);
+        }
+        let backing = match &args.backing {
+            Backing::File { path } => Backing::File {
+                path: check_backing_file(path)?,
+            },
+            other => other.clone(),
+        };
+        Ok(Some(Self {
+            queues: args
+                .queues
+                .unwrap_or_else(|| u16::from(args.cpus).min(abi::bar0::MAX_QUEUES)),
+            queue_size: args.queue_size,
+            backing,
+            faults: args.faults.clone(),
+            fault_seed: args.fault_seed,
+        }))
+    }
+
+    /// The directory of the backing file, which the emulated host must share read-write.
+    pub fn backing_dir(&self) -> Option<PathBuf> {
+        match &self.backing {
+            Backing::File { path } => path.parent().map(Path::to_path_buf),
+            Backing::Memory { .. } => None,
+        }
+    }
+}
+
+/// Check a `--backing` file before the VM (or the emulated host) starts; returns it absolute.
+fn check_backing_file(path: &Path) -> Result<PathBuf, ConfigError> {
+    use std::os::unix::fs::FileTypeExt;
+    let bad = |why: String| ConfigError::Backing(path.to_path_buf(), why);
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    let kind = meta.file_type();
+    if kind.is_file() {
+        if meta.len() == 0 {
+            return Err(bad(
+                "the file is empty (its size is the device capacity; e.g. truncate -s 64M FILE)"
+                    .into(),
+            ));
+        }
+    } else if !kind.is_block_device() {
+        return Err(bad("not a regular file or block device".into()));
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()))
 }
 
 /// Where the image build publishes its artifacts: `$AIODMA_IMAGES`, else `images/out` in the
@@ -202,6 +283,7 @@ impl VmConfig {
             hide_xsave: std::env::var_os(crate::host::IN_EMULATED_HOST_ENV).is_some(),
             interactive: args.command.is_empty(),
             metrics,
+            device: DeviceSpec::from_args(args)?,
         })
     }
 }
@@ -238,6 +320,29 @@ mod tests {
             build_cmdline(None, &long),
             Err(ConfigError::CmdlineTooLong(_))
         ));
+    }
+
+    #[test]
+    fn backing_files_are_checked() {
+        let dir = std::env::temp_dir().join(format!("aiodma-backing-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.img");
+        std::fs::write(&empty, b"").unwrap();
+        let good = dir.join("good.img");
+        std::fs::write(&good, vec![0u8; 4096]).unwrap();
+        let err = check_backing_file(&empty).unwrap_err().to_string();
+        assert!(
+            err.starts_with("--backing ") && err.contains("empty"),
+            "{err}"
+        );
+        let err = check_backing_file(&dir.join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing"), "{err}");
+        let err = check_backing_file(&dir).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        assert_eq!(check_backing_file(&good).unwrap(), good);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -120,6 +120,7 @@ fn run(args: &RunArgs, vmm_start: Instant) -> u8 {
                 .metrics
                 .iter()
                 .filter_map(|p| p.parent().map(Into::into))
+                .chain(cfg.device.as_ref().and_then(|d| d.backing_dir()))
                 .collect();
             on_host(args.host, cfg.memory_mib, cfg.interactive, writable, || {
                 run_vm(&cfg, vmm_start)
@@ -166,9 +167,24 @@ fn bench_boot(args: &BootBenchArgs) -> u8 {
     )
 }
 
+/// Report a command-line error. A bad flag value (a failed value parser or range) is one line
+/// naming the flag and the bad part, exit code 2; other usage errors keep clap's usage text.
+fn command_line_error(e: clap::Error) -> ! {
+    if e.kind() == clap::error::ErrorKind::ValueValidation {
+        let text = e.render().to_string();
+        let line = text.lines().next().unwrap_or_default();
+        eprintln!(
+            "aiodma: error: {}",
+            line.strip_prefix("error: ").unwrap_or(line)
+        );
+        std::process::exit(i32::from(EXIT_BAD_INPUT));
+    }
+    e.exit()
+}
+
 fn main() -> ExitCode {
     let vmm_start = Instant::now();
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| command_line_error(e));
     init_logging(cli.log_level.into());
     let code = match &cli.command {
         Command::Run(args) => run(args, vmm_start),

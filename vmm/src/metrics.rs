@@ -3,6 +3,7 @@
 use std::io;
 use std::path::Path;
 
+use aiodma_device::metrics::DeviceMetrics;
 use serde::Serialize;
 
 use crate::exit::StopReason;
@@ -34,6 +35,8 @@ pub struct RunMetrics {
     pub guest_resident_kib: Option<u64>,
     /// The VMM's own memory: RSS minus resident guest RAM, KiB.
     pub vmm_overhead_kib: Option<u64>,
+    /// The DMA device's counters (none with `--no-device`).
+    pub device: Option<DeviceMetrics>,
 }
 
 impl RunMetrics {
@@ -86,6 +89,15 @@ mod tests {
         assert_eq!(v["guest_status"], 7);
         assert_eq!(v["userspace_reached_ms"], 812);
         assert_eq!(v["command_started_ms"], serde_json::Value::Null);
+        assert_eq!(v["device"], serde_json::Value::Null);
+        m.device = Some(DeviceMetrics {
+            doorbells: 3,
+            ..Default::default()
+        });
+        m.write(&path).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(v["device"]["doorbells"], 3);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Read};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -18,15 +19,23 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::terminal::Terminal;
 
+use aiodma_device::backend::BackendError;
+use aiodma_device::core::{DeviceCore, DeviceError, DeviceOptions};
+use aiodma_device::engine::QueueEngine;
+use aiodma_device::metrics::Metrics;
+use aiodma_device::transport::Transport;
+
 use crate::arch::x86_64 as arch;
-use crate::config::VmConfig;
+use crate::config::{DeviceSpec, VmConfig};
 use crate::devices::bus::Bus;
+use crate::devices::pci::{self, HostBridge, PciBusError, PciConfigIo, PciRoot};
 use crate::devices::serial::{ConsoleOut, SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::{i8042, platform};
 use crate::exit::{StopReason, StopSignal};
 use crate::metrics::RunMetrics;
+use crate::vstate::interrupts::{KvmIoEvents, MsiRouting};
 use crate::vstate::vcpu::{Vcpu, VcpuContext};
-use crate::vstate::vm::Vm;
+use crate::vstate::vm::{resident_bytes, Vm};
 use crate::vstate::{KvmContext, KvmError};
 
 /// Why a VM could not be built or run.
@@ -47,6 +56,12 @@ pub enum VmmError {
     /// Boot structures (command line, zero page, MP table, registers) could not be written.
     #[error("boot setup: {0}")]
     Boot(String),
+    /// The DMA device could not be built.
+    #[error("DMA device: {0}")]
+    Device(String),
+    /// The device flags or the backing store were rejected (the message names the flag).
+    #[error("{0}")]
+    DeviceInput(String),
     /// An OS resource (eventfd, thread, epoll) could not be created.
     #[error("{0}: {1}")]
     Os(&'static str, io::Error),
@@ -56,7 +71,9 @@ impl VmmError {
     /// Exit code: bad kernel/initrd contents are user input (2), the rest are VMM/KVM failures (3).
     pub fn exit_code(&self) -> u8 {
         match self {
-            VmmError::Kernel(..) | VmmError::Initrd(_) => crate::exit::EXIT_BAD_INPUT,
+            VmmError::Kernel(..) | VmmError::Initrd(_) | VmmError::DeviceInput(_) => {
+                crate::exit::EXIT_BAD_INPUT
+            }
             _ => crate::exit::EXIT_KVM_FAILURE,
         }
     }
@@ -175,7 +192,7 @@ impl MutEventSubscriber for StopWatcher {
 }
 
 /// The VMM's own memory: resident set size minus the guest RAM pages that are resident.
-fn measure_memory(vm: &Vm, metrics: &mut RunMetrics) {
+fn measure_memory(memory: &GuestMemoryMmap, metrics: &mut RunMetrics) {
     metrics.vmm_rss_kib = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
@@ -185,7 +202,7 @@ fn measure_memory(vm: &Vm, metrics: &mut RunMetrics) {
                 .and_then(|v| v.split_whitespace().next())
                 .and_then(|v| v.parse::<u64>().ok())
         });
-    match vm.guest_resident_bytes() {
+    match resident_bytes(memory) {
         Ok(bytes) => metrics.guest_resident_kib = Some(bytes >> 10),
         Err(e) => log::debug!("memory: cannot measure resident guest RAM: {e}"),
     }
@@ -198,6 +215,207 @@ fn measure_memory(vm: &Vm, metrics: &mut RunMetrics) {
     }
 }
 
+/// Where a run's metrics come from, at the stop or on SIGUSR1 while it runs.
+struct MetricsSources {
+    emulated_host: bool,
+    vcpus: u8,
+    memory_mib: u64,
+    vmm_start: Instant,
+    platform_ports: Arc<Mutex<platform::PlatformPorts>>,
+    memory: GuestMemoryMmap,
+    device: Option<Arc<Metrics>>,
+}
+
+impl MetricsSources {
+    /// The metrics now; `reason` is why the VM stopped (`None`: still running, reported as
+    /// stop reason "running").
+    fn collect(&self, reason: Option<&StopReason>) -> RunMetrics {
+        let mut metrics = RunMetrics {
+            emulated_host: self.emulated_host,
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            stopped_ms: u64::try_from(self.vmm_start.elapsed().as_millis()).unwrap_or(u64::MAX),
+            ..Default::default()
+        };
+        {
+            let ports = self
+                .platform_ports
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            metrics.userspace_reached_ms = ports.userspace_ms();
+            metrics.command_started_ms = ports.command_ms();
+        }
+        measure_memory(&self.memory, &mut metrics);
+        metrics.device = self.device.as_ref().map(|m| m.snapshot());
+        match reason {
+            Some(reason) => metrics.set_stop(reason),
+            None => metrics.stop_reason = "running".to_string(),
+        }
+        metrics
+    }
+}
+
+/// The signal set holding SIGUSR1.
+fn sigusr1_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialize it in place.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        set
+    }
+}
+
+/// Block SIGUSR1 in the calling thread and, by inheritance, in every thread it starts later:
+/// the signal then interrupts no vCPU or device thread and waits for the event loop's signalfd.
+fn block_sigusr1() -> io::Result<()> {
+    let set = sigusr1_set();
+    // SAFETY: `set` is a valid signal set; the old mask is not wanted.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// Writes the metrics file when the process gets SIGUSR1 (`--metrics`), through a signalfd
+/// watched by the event loop (no signal handler runs).
+struct MetricsOnSignal {
+    signals: File,
+    path: std::path::PathBuf,
+    sources: MetricsSources,
+}
+
+impl MetricsOnSignal {
+    /// Watch SIGUSR1 (already blocked with [`block_sigusr1`]) for a run writing to `path`.
+    fn install(path: std::path::PathBuf, sources: MetricsSources) -> Result<Self, VmmError> {
+        let set = sigusr1_set();
+        // SAFETY: `set` is valid; -1 asks for a new descriptor, checked below.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(VmmError::Os("signalfd", io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let signals = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        Ok(Self {
+            signals,
+            path,
+            sources,
+        })
+    }
+
+    /// Consume the pending SIGUSR1s; true if there was one.
+    fn drain(&mut self) -> bool {
+        let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+        let mut got = false;
+        while matches!(self.signals.read(&mut info), Ok(n) if n > 0) {
+            got = true;
+        }
+        got
+    }
+}
+
+impl MutEventSubscriber for MetricsOnSignal {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        if !self.drain() {
+            return;
+        }
+        match self.sources.collect(None).write(&self.path) {
+            Ok(()) => log::info!("SIGUSR1: metrics written to {}", self.path.display()),
+            Err(e) => log::warn!("SIGUSR1: --metrics {}: {e}", self.path.display()),
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.signals, EventSet::IN)) {
+            log::warn!("cannot watch SIGUSR1: {e}");
+        }
+    }
+}
+
+/// The DMA device as the VMM keeps it after wiring.
+#[derive(Debug)]
+struct DmaDevice {
+    /// The PCI function (also on the buses).
+    _function: Arc<Mutex<Transport>>,
+    /// The engine's live counters.
+    metrics: Arc<Metrics>,
+}
+
+/// The queue engine behind the transport, built from the device flags, and its live counters.
+fn create_engine(
+    spec: &DeviceSpec,
+    memory: GuestMemoryMmap,
+) -> Result<(Box<dyn QueueEngine>, Arc<Metrics>), VmmError> {
+    let options = DeviceOptions {
+        queues: spec.queues,
+        queue_size_max: spec.queue_size,
+        backing: spec.backing.clone(),
+        faults: spec.faults.clone(),
+        fault_seed: spec.fault_seed,
+        ..DeviceOptions::default()
+    };
+    let core = DeviceCore::new(options, memory).map_err(|e| match e {
+        DeviceError::Queues(_)
+        | DeviceError::QueueSize(_)
+        | DeviceError::Backend(
+            BackendError::Open { .. }
+            | BackendError::EmptyFile { .. }
+            | BackendError::NotAFile { .. },
+        ) => VmmError::DeviceInput(e.to_string()),
+        _ => VmmError::Device(e.to_string()),
+    })?;
+    let metrics = core.metrics_handle();
+    Ok((Box::new(core), metrics))
+}
+
+/// The PCI platform: conf1 on the port bus, the host bridge at 00:00.0, the DMA device at
+/// 00:01.0 (unless `--no-device`) with its MSI-X routes and irqfds, BARs placed in the PCI MMIO
+/// window and mapped on `mmio` with the doorbell ioeventfds.
+fn attach_pci(
+    vm: &Vm,
+    cfg: &VmConfig,
+    pio: &Bus,
+    mmio: &Arc<Bus>,
+) -> Result<Option<DmaDevice>, VmmError> {
+    let pci_err = |e: PciBusError| VmmError::Boot(format!("PCI: {e}"));
+    let mut root = PciRoot::new(mmio.clone(), Arc::new(KvmIoEvents::new(vm.shared_fd())));
+    root.add(
+        pci::HOST_BRIDGE_DEVICE,
+        Arc::new(Mutex::new(HostBridge::new())),
+    )
+    .map_err(pci_err)?;
+    let dma = match &cfg.device {
+        Some(spec) => {
+            let (engine, metrics) = create_engine(spec, vm.memory().clone())?;
+            let vectors = engine.config().num_queues.saturating_add(1);
+            let msi = Arc::new(MsiRouting::new(vm.shared_fd(), vectors)?);
+            let transport = Transport::new(engine, msi)
+                .map_err(|e| VmmError::Device(format!("transport: {e}")))?;
+            let function = Arc::new(Mutex::new(transport));
+            root.add(pci::DMA_DEVICE, function.clone())
+                .map_err(pci_err)?;
+            Some(DmaDevice {
+                _function: function,
+                metrics,
+            })
+        }
+        None => None,
+    };
+    root.assign_bars(arch::layout::PCI_MMIO_START, arch::layout::PCI_MMIO_SIZE)
+        .map_err(pci_err)?;
+    if let Some(addr) = root.bar_address(pci::DMA_DEVICE, 0) {
+        log::debug!("DMA device at 00:{:02x}.0, BAR0 {addr:#x}", pci::DMA_DEVICE);
+    }
+    pio.insert(
+        Arc::new(Mutex::new(PciConfigIo::new(root))),
+        pci::conf1::BASE.into(),
+        pci::conf1::LEN.into(),
+    )
+    .map_err(|e| VmmError::Boot(e.to_string()))?;
+    Ok(dma)
+}
+
 /// A VM that stopped. vCPU threads may still sit in KVM_RUN on its memory, so the caller keeps
 /// this alive until the process exits (which ends those threads), as Firecracker does.
 #[derive(Debug)]
@@ -206,11 +424,16 @@ pub struct Stopped {
     pub reason: StopReason,
     /// What the run measured.
     pub metrics: RunMetrics,
+    _dma: Option<DmaDevice>,
     _vm: Vm,
 }
 
 /// Build the VM described by `cfg`, run it, and return why it stopped.
 pub fn run(cfg: &VmConfig, vmm_start: Instant) -> Result<Stopped, VmmError> {
+    if cfg.metrics.is_some() {
+        // Before any thread starts, so they all inherit the blocked mask.
+        block_sigusr1().map_err(|e| VmmError::Os("block SIGUSR1", e))?;
+    }
     let kvm = Kvm::new().kvm("open /dev/kvm")?;
     let mem_bytes = cfg.memory_mib << 20;
     let memory = GuestMemoryMmap::from_ranges(&arch::layout::ram_regions(mem_bytes))
@@ -251,7 +474,7 @@ pub fn run(cfg: &VmConfig, vmm_start: Instant) -> Result<Stopped, VmmError> {
         serial_irq,
         ConsoleOut::new(io::stdout(), interactive, guest_panicked.clone()),
     )));
-    let mut pio = Bus::new();
+    let pio = Bus::new();
     let bus_err = |e: crate::devices::bus::BusError| VmmError::Boot(e.to_string());
     pio.insert(serial.clone(), COM1_BASE.into(), COM1_LEN.into())
         .map_err(bus_err)?;
@@ -271,9 +494,11 @@ pub fn run(cfg: &VmConfig, vmm_start: Instant) -> Result<Stopped, VmmError> {
         platform::LEN.into(),
     )
     .map_err(bus_err)?;
+    let mmio = Arc::new(Bus::new());
+    let dma = attach_pci(&vm, cfg, &pio, &mmio)?;
     let ctx = VcpuContext {
         pio: Arc::new(pio),
-        mmio: Arc::new(Bus::new()),
+        mmio,
         stop: stop.clone(),
         guest_panicked,
     };
@@ -294,10 +519,25 @@ pub fn run(cfg: &VmConfig, vmm_start: Instant) -> Result<Stopped, VmmError> {
         vcpus.push(Vcpu::new(id, fd, ctx.clone()));
     }
 
+    let sources = || MetricsSources {
+        emulated_host: cfg.hide_xsave,
+        vcpus: cfg.cpus,
+        memory_mib: cfg.memory_mib,
+        vmm_start,
+        platform_ports: platform_ports.clone(),
+        memory: vm.memory().clone(),
+        device: dma.as_ref().map(|d| d.metrics.clone()),
+    };
     let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new()
             .map_err(|e| VmmError::Os("epoll", io::Error::other(format!("{e:?}"))))?;
     events.add_subscriber(Arc::new(Mutex::new(StopWatcher { stop: stop.clone() })));
+    if let Some(path) = &cfg.metrics {
+        events.add_subscriber(Arc::new(Mutex::new(MetricsOnSignal::install(
+            path.clone(),
+            sources(),
+        )?)));
+    }
     let _raw_terminal = if interactive {
         events.add_subscriber(Arc::new(Mutex::new(StdinForwarder {
             serial: serial.clone(),
@@ -339,26 +579,14 @@ pub fn run(cfg: &VmConfig, vmm_start: Instant) -> Result<Stopped, VmmError> {
         }
     };
     serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
-    let mut metrics = RunMetrics {
-        emulated_host: cfg.hide_xsave,
-        vcpus: cfg.cpus,
-        memory_mib: cfg.memory_mib,
-        stopped_ms: u64::try_from(vmm_start.elapsed().as_millis()).unwrap_or(u64::MAX),
-        ..Default::default()
-    };
-    {
-        let ports = platform_ports.lock().unwrap_or_else(|p| p.into_inner());
-        metrics.userspace_reached_ms = ports.userspace_ms();
-        metrics.command_started_ms = ports.command_ms();
-    }
-    measure_memory(&vm, &mut metrics);
-    metrics.set_stop(&reason);
+    let metrics = sources().collect(Some(&reason));
     if let (Some(d), StopReason::Timeout) = (cfg.timeout, &reason) {
         log::error!("guest did not finish within {} s", d.as_secs());
     }
     Ok(Stopped {
         reason,
         metrics,
+        _dma: dma,
         _vm: vm,
     })
 }
@@ -366,6 +594,51 @@ pub fn run(cfg: &VmConfig, vmm_start: Instant) -> Result<Stopped, VmmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_snapshot_on_sigusr1() {
+        let stop = Arc::new(StopSignal::new().unwrap());
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let device = Arc::new(Metrics::new());
+        device.doorbell();
+        let sources = MetricsSources {
+            emulated_host: false,
+            vcpus: 2,
+            memory_mib: 1,
+            vmm_start: Instant::now(),
+            platform_ports: Arc::new(Mutex::new(platform::PlatformPorts::new(
+                Instant::now(),
+                stop,
+            ))),
+            memory,
+            device: Some(device),
+        };
+        let running = sources.collect(None);
+        assert_eq!(running.stop_reason, "running");
+        assert_eq!(running.vcpus, 2);
+        assert_eq!(running.device.as_ref().unwrap().doorbells, 1);
+        let stopped = sources.collect(Some(&StopReason::GuestExited(3)));
+        assert_eq!(
+            (stopped.stop_reason.as_str(), stopped.exit_code),
+            ("guest_exited", 3)
+        );
+
+        let path = std::env::temp_dir().join(format!("aiodma-sigusr1-{}.json", std::process::id()));
+        block_sigusr1().unwrap();
+        let mut sub = MetricsOnSignal::install(path.clone(), sources).unwrap();
+        assert!(!sub.drain());
+        // SAFETY: raise has no memory-safety preconditions; SIGUSR1 is blocked in this thread,
+        // so it stays pending for the signalfd instead of killing the test.
+        assert_eq!(unsafe { libc::raise(libc::SIGUSR1) }, 0);
+        assert!(sub.drain());
+        assert!(!sub.drain());
+        sub.sources.collect(None).write(&path).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(v["stop_reason"], "running");
+        assert_eq!(v["device"]["doorbells"], 1);
+        std::fs::remove_file(&path).unwrap();
+    }
 
     #[test]
     fn initrds_are_concatenated_with_padding() {

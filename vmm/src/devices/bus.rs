@@ -4,7 +4,7 @@
 //! sit at any address (the rust-vmm / Firecracker convention).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A device reachable through a bus.
 pub trait BusDevice: Send {
@@ -40,15 +40,19 @@ struct Range {
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
 /// A set of non-overlapping address ranges, each served by a device.
-#[derive(Default, Clone)]
+///
+/// Ranges can be added and removed while vCPUs dispatch through the bus (a PCI BAR moves when
+/// the guest rewrites it): the map sits behind a read-write lock that is held only to find the
+/// device, never while the device handles the access.
+#[derive(Default)]
 pub struct Bus {
-    devices: BTreeMap<Range, SharedDevice>,
+    devices: RwLock<BTreeMap<Range, SharedDevice>>,
 }
 
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list()
-            .entries(self.devices.keys().map(|r| (r.base, r.len)))
+            .entries(self.map().keys().map(|r| (r.base, r.len)))
             .finish()
     }
 }
@@ -59,28 +63,43 @@ impl Bus {
         Self::default()
     }
 
+    fn map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<Range, SharedDevice>> {
+        self.devices.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn map_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<Range, SharedDevice>> {
+        self.devices.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Place `device` at `[base, base + len)`.
-    pub fn insert(&mut self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
+    pub fn insert(&self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
         if len == 0 {
             return Err(BusError::ZeroLength(base));
         }
         let end = base
             .checked_add(len)
             .ok_or(BusError::Overlap { base, len })?;
-        let overlaps = self
-            .devices
+        let mut map = self.map_mut();
+        let overlaps = map
             .keys()
             .any(|r| base < r.base.saturating_add(r.len) && r.base < end);
         if overlaps {
             return Err(BusError::Overlap { base, len });
         }
-        self.devices.insert(Range { base, len }, device);
+        map.insert(Range { base, len }, device);
         Ok(())
     }
 
-    fn resolve(&self, addr: u64) -> Option<(u64, &SharedDevice)> {
-        let (range, dev) = self
-            .devices
+    /// Remove the range that starts at `base`; returns its device.
+    pub fn remove(&self, base: u64) -> Option<SharedDevice> {
+        let mut map = self.map_mut();
+        let key = *map.keys().find(|r| r.base == base)?;
+        map.remove(&key)
+    }
+
+    fn resolve(&self, addr: u64) -> Option<(u64, SharedDevice)> {
+        let map = self.map();
+        let (range, dev) = map
             .range(
                 ..=Range {
                     base: addr,
@@ -89,7 +108,7 @@ impl Bus {
             )
             .next_back()?;
         let offset = addr - range.base;
-        (offset < range.len).then_some((offset, dev))
+        (offset < range.len).then(|| (offset, dev.clone()))
     }
 
     /// Dispatch a guest read. Returns false when no device claims `addr` (the caller decides
@@ -97,7 +116,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr) {
             Some((offset, dev)) => {
-                lock(dev).read(offset, data);
+                lock(&dev).read(offset, data);
                 true
             }
             None => false,
@@ -108,7 +127,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr) {
             Some((offset, dev)) => {
-                lock(dev).write(offset, data);
+                lock(&dev).write(offset, data);
                 true
             }
             None => false,
@@ -143,7 +162,7 @@ mod tests {
     #[test]
     fn dispatches_by_offset() {
         let dev = Arc::new(Mutex::new(Recorder::default()));
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(dev.clone(), 0x3f8, 8).unwrap();
         let mut buf = [0u8; 1];
         assert!(bus.read(0x3fa, &mut buf));
@@ -156,7 +175,7 @@ mod tests {
 
     #[test]
     fn rejects_overlap_and_empty() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x10, 0x10)
             .unwrap();
         let dev = Arc::new(Mutex::new(Recorder::default()));
@@ -176,5 +195,19 @@ mod tests {
             Err(BusError::ZeroLength(0x30))
         );
         bus.insert(dev, 0x20, 1).unwrap();
+    }
+
+    #[test]
+    fn ranges_can_move() {
+        let bus = Bus::new();
+        let dev = Arc::new(Mutex::new(Recorder::default()));
+        bus.insert(dev.clone(), 0x1000, 0x100).unwrap();
+        assert!(bus.remove(0x1001).is_none());
+        assert!(bus.remove(0x1000).is_some());
+        assert!(!bus.write(0x1000, &[1]));
+        bus.insert(dev.clone(), 0x2000, 0x100).unwrap();
+        assert!(bus.write(0x2010, &[1]));
+        assert_eq!(dev.lock().unwrap().last_write, Some((0x10, vec![1])));
+        assert!(bus.remove(0x1000).is_none());
     }
 }

@@ -2,5 +2,6 @@
 
 pub mod bus;
 pub mod i8042;
+pub mod pci;
 pub mod platform;
 pub mod serial;

@@ -1,5 +1,6 @@
 //! KVM state: the VM (memory, irqchip, PIT) and its vCPUs.
 
+pub mod interrupts;
 pub mod vcpu;
 pub mod vm;
 

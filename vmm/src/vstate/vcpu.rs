@@ -28,7 +28,12 @@ pub struct Vcpu {
     id: u8,
     fd: VcpuFd,
     ctx: VcpuContext,
+    /// Spurious "exit during event delivery" errors in a row (see [`Vcpu::spurious_vectoring`]).
+    spurious_vectoring: u32,
 }
+
+/// Most spurious event-delivery exits in a row before the vCPU gives up.
+const MAX_SPURIOUS_VECTORING: u32 = 16;
 
 /// What to do after one exit.
 enum Next {
@@ -39,7 +44,12 @@ enum Next {
 impl Vcpu {
     /// Wrap a configured vCPU fd.
     pub fn new(id: u8, fd: VcpuFd, ctx: VcpuContext) -> Self {
-        Self { id, fd, ctx }
+        Self {
+            id,
+            fd,
+            ctx,
+            spurious_vectoring: 0,
+        }
     }
 
     /// Start the vCPU on a thread named `vcpu<N>`.
@@ -70,6 +80,58 @@ impl Vcpu {
         }
     }
 
+    /// Whether an "exit during event delivery" (KVM_INTERNAL_ERROR_DELIVERY_EV) is spurious:
+    /// KVM holds no event for re-injection, so the guest was not vectoring one.
+    ///
+    /// QEMU's TCG emulation of SVM (the emulated host) clears only the valid bit of EVENTINJ
+    /// after it delivers an event in guest mode and copies the rest into EXITINTINFO at the next
+    /// #VMEXIT, while KVM (7.x) refuses to emulate MMIO when EXITINTINFO's type bits are non-zero.
+    /// So the first MMIO access after, e.g., a guest page fault or a virtual interrupt exits with
+    /// this error although nothing is being delivered. The access was not performed; running
+    /// the vCPU again retries it with a clean EXITINTINFO.
+    fn spurious_vectoring(&self) -> bool {
+        match self.fd.get_vcpu_events() {
+            Ok(ev) => {
+                ev.exception.injected == 0 && ev.interrupt.injected == 0 && ev.nmi.injected == 0
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn internal_error(&mut self) -> Next {
+        let id = self.id;
+        // SAFETY: KVM filled the `internal` member of the union for this exit reason.
+        let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+        let suberror = internal.suberror;
+        let n = (internal.ndata as usize).min(internal.data.len());
+        let data: Vec<String> = internal.data[..n]
+            .iter()
+            .map(|d| format!("{d:#x}"))
+            .collect();
+        if suberror == kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV
+            && self.spurious_vectoring < MAX_SPURIOUS_VECTORING
+            && self.spurious_vectoring()
+        {
+            self.spurious_vectoring += 1;
+            log::debug!(
+                "vCPU {id}: spurious exit during event delivery (data [{}]); retrying",
+                data.join(", ")
+            );
+            return Next::Continue;
+        }
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or_default();
+        Next::Stop(StopReason::VcpuFailed(format!(
+            "vCPU {id}: KVM_EXIT_INTERNAL_ERROR (suberror {suberror}{}) at rip {rip:#x}, \
+             data [{}]",
+            match suberror {
+                1 => ": emulation failure",
+                3 => ": exit during event delivery",
+                _ => "",
+            },
+            data.join(", ")
+        )))
+    }
+
     fn run_once(&mut self) -> Next {
         let id = self.id;
         let exit = match self.fd.run() {
@@ -81,6 +143,9 @@ impl Vcpu {
                 return Next::Stop(StopReason::VcpuFailed(format!("vCPU {id}: KVM_RUN: {e}")))
             }
         };
+        if !matches!(exit, VcpuExit::InternalError) {
+            self.spurious_vectoring = 0;
+        }
         match exit {
             VcpuExit::IoOut(port, data) => {
                 if !self.ctx.pio.write(u64::from(port), data) {
@@ -117,14 +182,7 @@ impl Vcpu {
             VcpuExit::FailEntry(reason, cpu) => Next::Stop(StopReason::VcpuFailed(format!(
                 "vCPU {id}: KVM_EXIT_FAIL_ENTRY (hardware entry failure reason {reason:#x}, cpu {cpu})"
             ))),
-            VcpuExit::InternalError => {
-                // SAFETY: KVM filled the `internal` member of the union for this exit reason.
-                let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                Next::Stop(StopReason::VcpuFailed(format!(
-                    "vCPU {id}: KVM_EXIT_INTERNAL_ERROR (suberror {suberror}{})",
-                    if suberror == 1 { ": emulation failure" } else { "" }
-                )))
-            }
+            VcpuExit::InternalError => self.internal_error(),
             other => Next::Stop(StopReason::VcpuFailed(format!(
                 "vCPU {id}: unexpected exit reason {other:?}"
             ))),

@@ -1,5 +1,7 @@
 //! The KVM VM: guest memory, the in-kernel irqchip (PIC + IOAPIC + LAPICs) and the PIT.
 
+use std::sync::Arc;
+
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -14,7 +16,7 @@ const TSS_ADDRESS: usize = 0xfffb_d000;
 #[derive(Debug)]
 pub struct Vm {
     kvm: Kvm,
-    fd: VmFd,
+    fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
 }
 
@@ -41,7 +43,11 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).kvm("KVM_CREATE_PIT2")?;
-        Ok(Self { kvm, fd, memory })
+        Ok(Self {
+            kvm,
+            fd: Arc::new(fd),
+            memory,
+        })
     }
 
     /// The KVM system handle.
@@ -54,6 +60,12 @@ impl Vm {
         &self.fd
     }
 
+    /// The VM file descriptor, shared with devices that change interrupt routes and
+    /// ioeventfds while the VM runs.
+    pub fn shared_fd(&self) -> Arc<VmFd> {
+        self.fd.clone()
+    }
+
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
@@ -61,26 +73,31 @@ impl Vm {
 
     /// Bytes of guest RAM currently resident in host memory (pages the guest has touched).
     pub fn guest_resident_bytes(&self) -> std::io::Result<u64> {
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        let page = usize::try_from(page).map_err(|_| std::io::Error::last_os_error())?;
-        let mut resident = 0u64;
-        for region in self.memory.iter() {
-            let len = region.len() as usize;
-            let mut vec = vec![0u8; len.div_ceil(page)];
-            // SAFETY: the range is one live mapping owned by `self.memory`; `vec` has one byte
-            // per page of it, as mincore requires.
-            let rc = unsafe { libc::mincore(region.as_ptr().cast(), len, vec.as_mut_ptr()) };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            resident += vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * page as u64;
-        }
-        Ok(resident)
+        resident_bytes(&self.memory)
     }
 
     /// Make writes to `event` raise interrupt line `gsi` in the in-kernel irqchip.
     pub fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<(), KvmError> {
         self.fd.register_irqfd(event, gsi).kvm("KVM_IRQFD")
     }
+}
+
+/// Bytes of `memory` currently resident in host memory.
+pub fn resident_bytes(memory: &GuestMemoryMmap) -> std::io::Result<u64> {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let page = usize::try_from(page).map_err(|_| std::io::Error::last_os_error())?;
+    let mut resident = 0u64;
+    for region in memory.iter() {
+        let len = region.len() as usize;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: the range is one live mapping owned by `memory`; `vec` has one byte per page
+        // of it, as mincore requires.
+        let rc = unsafe { libc::mincore(region.as_ptr().cast(), len, vec.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        resident += vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * page as u64;
+    }
+    Ok(resident)
 }
