@@ -143,6 +143,7 @@ pub fn tsc_khz(cpuinfo: &str) -> Option<u64> {
 /// QEMU's command line for level 1.
 pub fn qemu_args(
     l1: &Level1,
+    stderr_path: &str,
     job_dir: &Path,
     writable: &[PathBuf],
     cpus: usize,
@@ -181,7 +182,7 @@ pub fn qemu_args(
         "-device".into(),
         "virtio-serial-device".into(),
         "-chardev".into(),
-        "file,id=err,path=/proc/self/fd/2,append=on".into(),
+        format!("file,id=err,path={stderr_path}"),
         "-device".into(),
         "virtconsole,chardev=err".into(),
         "-device".into(),
@@ -336,7 +337,27 @@ pub fn run(l1: &Level1, args: &[OsString]) -> Result<u8, EmulatedError> {
 
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let qemu_argv = qemu_args(&l1, &job.0, &writable, cpus, tsc_khz(&cpuinfo));
+    // hvc0 (the inner run's stderr) reaches QEMU as a pipe that this process copies to its own
+    // stderr, so stdout and stderr stay correctly interleaved even when both are one file.
+    let (err_reader, err_writer) =
+        std::io::pipe().map_err(|e| EmulatedError::Io("create the stderr pipe", e))?;
+    let err_fd = std::os::fd::AsRawFd::as_raw_fd(&err_writer);
+    // SAFETY: F_SETFD on a descriptor we own; clearing FD_CLOEXEC lets QEMU inherit it.
+    if unsafe { libc::fcntl(err_fd, libc::F_SETFD, 0) } != 0 {
+        return Err(EmulatedError::Io(
+            "share the stderr pipe",
+            io::Error::last_os_error(),
+        ));
+    }
+    let stderr_path = format!("/proc/self/fd/{err_fd}");
+    let qemu_argv = qemu_args(
+        &l1,
+        &stderr_path,
+        &job.0,
+        &writable,
+        cpus,
+        tsc_khz(&cpuinfo),
+    );
     log::debug!("{} {:?}", qemu.display(), qemu_argv);
 
     let started = Instant::now();
@@ -347,6 +368,14 @@ pub fn run(l1: &Level1, args: &[OsString]) -> Result<u8, EmulatedError> {
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| EmulatedError::Io("start QEMU", e))?;
+    drop(err_writer);
+    let stderr_copier = std::thread::Builder::new()
+        .name("l1-stderr".into())
+        .spawn(move || {
+            let mut reader = err_reader;
+            let _ = io::copy(&mut reader, &mut io::stderr());
+        })
+        .map_err(|e| EmulatedError::Io("start the stderr copier", e))?;
     let prelude = match child.stdout.take() {
         Some(out) => forward_output(out, started),
         None => Vec::new(),
@@ -354,6 +383,7 @@ pub fn run(l1: &Level1, args: &[OsString]) -> Result<u8, EmulatedError> {
     let status = child
         .wait()
         .map_err(|e| EmulatedError::Io("wait for QEMU", e))?;
+    let _ = stderr_copier.join();
     log::debug!(
         "emulated host session took {} ms",
         started.elapsed().as_millis()
@@ -476,6 +506,7 @@ mod tests {
         };
         let args: Vec<String> = qemu_args(
             &l1,
+            "/proc/self/fd/9",
             Path::new("/tmp/j"),
             &["/data".into()],
             2,
@@ -491,6 +522,7 @@ mod tests {
         assert!(joined.contains("local,id=w0,path=/data,security_model=none"));
         assert!(joined.contains("mount_tag=w0"));
         assert!(joined.contains("-no-reboot"));
+        assert!(joined.contains("file,id=err,path=/proc/self/fd/9"));
         let append = args.last().unwrap();
         assert!(append.contains("rdinit=/l1init"));
         assert!(append.contains("tsc_early_khz=2600000"));

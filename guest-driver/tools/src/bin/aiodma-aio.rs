@@ -3,7 +3,7 @@
 //! ```text
 //! aiodma-aio info [--dev PATH]
 //! aiodma-aio verify [--dev PATH] [--engine sync|libaio|uring] [--qd N] [--requests N]
-//!                   [--seed N] [--unaligned] [--vectored] [--direct]
+//!                   [--seed N] [--unaligned] [--vectored] [--direct] [--base BYTES] [--span BYTES]
 //! ```
 //! `verify` writes seeded patterns into non-overlapping random ranges with the chosen engine at
 //! the chosen queue depth, reads everything back with the same engine and compares; it prints one
@@ -34,6 +34,8 @@ struct Opts {
     unaligned: bool,
     vectored: bool,
     direct: bool,
+    base: u64,
+    span: Option<u64>,
 }
 
 fn parse(args: &[String]) -> Result<(String, Opts), String> {
@@ -51,6 +53,8 @@ fn parse(args: &[String]) -> Result<(String, Opts), String> {
         unaligned: false,
         vectored: false,
         direct: false,
+        base: 0,
+        span: None,
     };
     while let Some(a) = it.next() {
         let mut val = |name: &str| it.next().cloned().ok_or(format!("{name} needs a value"));
@@ -69,6 +73,8 @@ fn parse(args: &[String]) -> Result<(String, Opts), String> {
                 o.requests = val("--requests")?.parse().map_err(|_| "bad --requests")?
             }
             "--seed" => o.seed = val("--seed")?.parse().map_err(|_| "bad --seed")?,
+            "--base" => o.base = val("--base")?.parse().map_err(|_| "bad --base")?,
+            "--span" => o.span = Some(val("--span")?.parse().map_err(|_| "bad --span")?),
             "--unaligned" => o.unaligned = true,
             "--vectored" => o.vectored = true,
             "--direct" => o.direct = true,
@@ -331,7 +337,11 @@ fn verify(o: &Opts) -> Result<String, String> {
         .map_err(|e| format!("open {}: {e}", o.dev))?;
     let fd = file.as_raw_fd();
     let capacity = info(fd)?.capacity;
-    let slot = ((capacity / o.requests as u64).min(256 << 10) / 4096) * 4096;
+    if o.base >= capacity {
+        return Err(format!("--base {} is past the capacity {capacity}", o.base));
+    }
+    let span = o.span.unwrap_or(capacity - o.base).min(capacity - o.base);
+    let slot = ((span / o.requests as u64).min(256 << 10) / 4096) * 4096;
     if slot < 4096 {
         return Err(format!(
             "capacity {capacity} too small for {} requests",
@@ -351,7 +361,7 @@ fn verify(o: &Opts) -> Result<String, String> {
             } else {
                 512 * (1 + rng.below(slot / 512)) as usize
             };
-            let offset = i as u64 * slot + misalign as u64;
+            let offset = o.base + i as u64 * slot + misalign as u64;
             let mut buf = Buf::new(len, misalign);
             for (k, b) in buf.bytes_mut().iter_mut().enumerate() {
                 *b = pattern(o.seed, offset + k as u64);
