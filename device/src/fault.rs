@@ -221,7 +221,7 @@ pub fn format_duration(d: Duration) -> String {
         return "0".into();
     }
     for (unit, per) in [("s", 1_000_000_000u128), ("ms", 1_000_000), ("us", 1_000)] {
-        if ns % per == 0 {
+        if ns.is_multiple_of(per) {
             return format!("{}{unit}", ns / per);
         }
     }

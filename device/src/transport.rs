@@ -319,7 +319,7 @@ impl Transport {
     /// A doorbell write that reached userspace (normally an ioeventfd absorbs it).
     fn doorbell(&mut self, offset: u64, len: usize) {
         let rel = offset - bar0::NOTIFY;
-        if rel % bar0::NOTIFY_STRIDE != 0 || !(len == 2 || len == 4) {
+        if !rel.is_multiple_of(bar0::NOTIFY_STRIDE) || !(len == 2 || len == 4) {
             log::debug!("doorbell write of {len} bytes at BAR0+{offset:#x} ignored");
             return;
         }

@@ -215,10 +215,10 @@ impl Uring {
             JobOp::Read | JobOp::Write => match self.iovecs(&job.segments) {
                 Ok(iov) => {
                     let align = ALIGNMENT as usize;
-                    let aligned = job.offset % u64::from(ALIGNMENT) == 0
-                        && iov
-                            .iter()
-                            .all(|v| (v.iov_base as usize) % align == 0 && v.iov_len % align == 0);
+                    let aligned = job.offset.is_multiple_of(u64::from(ALIGNMENT))
+                        && iov.iter().all(|v| {
+                            (v.iov_base as usize).is_multiple_of(align) && v.iov_len % align == 0
+                        });
                     let expected = iov.iter().map(|v| v.iov_len).sum();
                     (
                         iov,

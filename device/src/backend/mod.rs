@@ -117,7 +117,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
 /// Formats a size with the largest binary suffix that shows it exactly.
 pub fn format_size(size: u64) -> String {
     for (suffix, shift) in [("T", 40), ("G", 30), ("M", 20), ("K", 10)] {
-        if size != 0 && size % (1u64 << shift) == 0 {
+        if size != 0 && size.is_multiple_of(1u64 << shift) {
             return format!("{}{suffix}", size >> shift);
         }
     }
