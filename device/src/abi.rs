@@ -343,6 +343,12 @@ pub struct DeviceInfo {
     pub errors: u64,
     /// Bytes transferred.
     pub bytes: u64,
+    /// Requests failed with -ETIMEDOUT by the driver's watchdog.
+    pub timeouts: u64,
+    /// Requests cancelled through `io_cancel`.
+    pub cancels: u64,
+    /// Device resets the driver performed to recover.
+    pub resets: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<DeviceInfo>() == 72);
+const _: () = assert!(core::mem::size_of::<DeviceInfo>() == 96);

@@ -116,7 +116,7 @@ fn setup<'bound>(pdev: &'bound pci::Device<Core<'_>>) -> Result<(Arc<dev::AioDev
     config.num_queues = config.num_queues.min(MAX_QUEUES);
     let size = QUEUE_SIZE.min(config.queue_size_max.next_power_of_two() >> u16::from(!config.queue_size_max.is_power_of_two()));
     let bar = bar.into_devres()?;
-    let aio = dev::AioDev::new(pdev, bar, config, features, size)?;
+    let aio = dev::AioDev::new(pdev, bar, config, features, size, module_parameters::timeout_ms.value())?;
     Ok((aio, size))
 }
 
@@ -214,6 +214,10 @@ kernel::module_pci_driver! {
         debug: bool {
             default: false,
             description: "Log every kiocb state transition (submitted, queued, completed)",
+        },
+        timeout_ms: u32 {
+            default: 10000,
+            description: "Per-request timeout in ms: then the device is reset and the request fails with -ETIMEDOUT",
         },
     },
 }

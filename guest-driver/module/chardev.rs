@@ -20,6 +20,13 @@ pub(crate) struct OpenFile {
     dev: Arc<AioDev>,
 }
 
+impl OpenFile {
+    /// The device behind this file.
+    pub(crate) fn dev(&self) -> &AioDev {
+        &self.dev
+    }
+}
+
 /// A registered `/dev/aiodmaN`.
 #[pin_data(PinnedDrop)]
 pub(crate) struct Chardev {
@@ -208,6 +215,9 @@ unsafe extern "C" fn ioctl(file: *mut bindings::file, cmd: c_uint, arg: usize) -
                 max_transfer: of.dev.config.max_transfer,
                 max_segments: of.dev.config.max_segments,
                 submitted: s.submitted.load(R),
+                timeouts: s.timeouts.load(R),
+                cancels: s.cancels.load(R),
+                resets: s.resets.load(R),
                 async_completions: s.async_completions.load(R),
                 sync_completions: s.sync_completions.load(R),
                 errors: s.errors.load(R),

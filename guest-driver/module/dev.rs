@@ -1,58 +1,99 @@
 // SPDX-License-Identifier: GPL-2.0
-//! The per-device engine: queues, request bookkeeping, submission and completion.
+//! The per-device engine: queues, request bookkeeping, submission, completion, timeouts,
+//! cancellation and device reset.
 //!
-//! Locking: each queue has one `SpinLockIrq` around its ring and request table, taken by
-//! submitters (process context) and by the queue's threaded interrupt handler. Nothing sleeps
-//! under it; pinning, mapping, unpinning and `ki_complete` happen outside it. A condition
-//! variable on the same lock wakes synchronous waiters and submitters waiting for ring space.
+//! A *request* (one kiocb, or one synchronous call) covers the caller's pinned buffer and is
+//! split into *parts*, one descriptor chain each, within the device's limits.
+//!
+//! Locking: each queue has one `SpinLockIrq` around its ring, part table and request table,
+//! taken by submitters (process context), the queue's threaded interrupt handler, the
+//! watchdog and the aio cancel callback (which runs under aio's context lock: lock order is
+//! aio ctx_lock → queue lock). Nothing sleeps under it; pinning, unpinning and `ki_complete`
+//! happen outside it. A condition variable on the same lock wakes synchronous waiters and
+//! submitters waiting for ring space or for a reset to finish.
+
+use core::ffi::c_int;
 
 use kernel::{
-    bindings,
-    device,
-    pci,
+    bindings, device, pci,
     prelude::*,
-    sync::{aref::ARef, atomic::Atomic, atomic::Relaxed, new_condvar, new_spinlock_irq, Arc, CondVar, SpinLockIrq},
+    sync::{
+        atomic::{Acquire, Atomic, Relaxed, Release},
+        aref::ARef,
+        new_condvar, new_spinlock_irq, Arc, CondVar, SpinLockIrq,
+    },
+    time::{msecs_to_jiffies, Instant, Monotonic},
+    types::ForeignOwnable,
+    workqueue::{self, impl_has_delayed_work, new_delayed_work, DelayedWork, WorkItem},
 };
 
 use crate::{
     abi,
+    chardev::OpenFile,
     hw::{self, BAR0_SIZE},
     iocb::PendingIocb,
+    kdebug,
     mapping::Mapping,
     ring::Ring,
 };
 
+/// Watchdog period: timeouts and cancellations are noticed within this.
+const WATCHDOG_MS: u32 = 100;
+
 /// Who waits for a request.
 enum Waiter {
-    /// An asynchronous kiocb, completed from the interrupt path.
+    /// An asynchronous kiocb, completed from the interrupt path (or by cancel/timeout/reset).
     Async(PendingIocb),
     /// A synchronous caller sleeping in `read_iter`/`write_iter`/`fsync`.
     Sync(SyncState),
+    /// Nobody: the kiocb was already completed (cancelled) or the sync caller left; the
+    /// request lingers until the device returns its buffers.
+    Gone,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SyncState {
     Waiting,
-    /// The device finished; the completion path is releasing the buffers.
-    Releasing,
     Done(isize),
-    /// The caller gave up (fatal signal); the completion path cleans up alone.
-    Orphaned,
 }
 
 struct Request {
     id: u64,
-    op: u32,
+    /// Bumped per use of the slot, so a stale cancel cookie cannot hit a newer request.
+    generation: u32,
     len: usize,
+    parts_left: u16,
+    /// Device-side results folded together: the first error wins.
+    error: Option<isize>,
+    short: bool,
     mapping: Option<Mapping>,
     waiter: Waiter,
+    started: Instant<Monotonic>,
+    cancel_requested: bool,
+}
+
+/// One descriptor chain of a request.
+#[derive(Clone, Copy)]
+struct Part {
+    request: u16,
+    len: usize,
+    op: u32,
 }
 
 struct QueueState {
     ring: Option<Ring>,
-    /// Indexed by head descriptor.
+    /// Indexed by chain head.
+    parts: KVec<Option<Part>>,
+    /// Request slots.
     requests: KVec<Option<Request>>,
+    generations: KVec<u32>,
     chain: KVec<u16>,
+}
+
+impl QueueState {
+    fn free_request_slot(&self) -> Option<usize> {
+        self.requests.iter().position(Option::is_none)
+    }
 }
 
 /// One queue: ring, in-flight requests, and the wait queue for space and sync completions.
@@ -72,9 +113,13 @@ pub(crate) struct Stats {
     pub(crate) sync_completions: Atomic<u64>,
     pub(crate) errors: Atomic<u64>,
     pub(crate) bytes: Atomic<u64>,
+    pub(crate) timeouts: Atomic<u64>,
+    pub(crate) cancels: Atomic<u64>,
+    pub(crate) resets: Atomic<u64>,
 }
 
-/// Shared by the PCI binding and every open file.
+/// Shared by the PCI binding, every open file and the watchdog.
+#[pin_data]
 pub(crate) struct AioDev {
     dev: ARef<device::Device>,
     bar: pci::DevresBar<BAR0_SIZE>,
@@ -82,8 +127,16 @@ pub(crate) struct AioDev {
     pub(crate) features: u64,
     queues: KVec<Pin<KBox<Queue>>>,
     dead: Atomic<bool>,
+    resetting: Atomic<bool>,
     next_id: Atomic<u64>,
+    timeout_ms: u32,
     pub(crate) stats: Stats,
+    #[pin]
+    watchdog: DelayedWork<AioDev>,
+}
+
+impl_has_delayed_work! {
+    impl HasDelayedWork<Self> for AioDev { self.watchdog }
 }
 
 /// What a submission turned into.
@@ -117,61 +170,120 @@ fn iter_len(it: *mut bindings::iov_iter) -> usize {
     }
 }
 
+fn cookie(queue: u16, slot: usize, generation: u32) -> usize {
+    (generation as usize) << 32 | usize::from(queue) << 16 | slot
+}
+
+/// Finished requests leave the lock through this, to be released and completed outside it.
+struct Finished {
+    mapping: Option<Mapping>,
+    pending: Option<PendingIocb>,
+    result: isize,
+    id: u64,
+}
+
+impl Finished {
+    /// Unmap and unpin first, then tell the waiter.
+    fn finish(self, stats: &Stats) {
+        drop(self.mapping);
+        if let Some(p) = self.pending {
+            if self.result < 0 {
+                stats.errors.fetch_add(1, Relaxed);
+            } else {
+                stats.bytes.fetch_add(self.result as u64, Relaxed);
+            }
+            stats.async_completions.fetch_add(1, Relaxed);
+            kdebug!("req {}: completed, ki_complete({})\n", self.id, self.result);
+            p.complete(self.result);
+        }
+    }
+}
+
 impl AioDev {
-    /// Set up `num_queues` rings of `size` entries and a shared device.
+    /// Set up `num_queues` rings of `size` entries and start the watchdog.
     pub(crate) fn new(
         pdev: &pci::Device<device::Bound>,
         bar: pci::DevresBar<BAR0_SIZE>,
         config: abi::DeviceConfig,
         features: u64,
         size: u16,
+        timeout_ms: u32,
     ) -> Result<Arc<Self>> {
         let event_idx = features & abi::feature::RING_EVENT_IDX != 0;
         let mut queues = KVec::with_capacity(usize::from(config.num_queues), GFP_KERNEL)?;
         for index in 0..config.num_queues {
             let ring = Ring::new(pdev.as_ref(), size, event_idx)?;
+            let mut parts = KVec::with_capacity(usize::from(size), GFP_KERNEL)?;
             let mut requests = KVec::with_capacity(usize::from(size), GFP_KERNEL)?;
+            let mut generations = KVec::with_capacity(usize::from(size), GFP_KERNEL)?;
             for _ in 0..size {
+                parts.push(None, GFP_KERNEL)?;
                 requests.push(None, GFP_KERNEL)?;
+                generations.push(0, GFP_KERNEL)?;
             }
             let chain = KVec::with_capacity(usize::from(size), GFP_KERNEL)?;
             let q = KBox::pin_init(
                 pin_init!(Queue {
                     index,
-                    state <- new_spinlock_irq!(QueueState { ring: Some(ring), requests, chain }),
+                    state <- new_spinlock_irq!(QueueState {
+                        ring: Some(ring), parts, requests, generations, chain
+                    }),
                     wait <- new_condvar!(),
                 }),
                 GFP_KERNEL,
             )?;
             queues.push(q, GFP_KERNEL)?;
         }
-        Ok(Arc::new(
-            AioDev {
+        let dev = Arc::pin_init(
+            pin_init!(AioDev {
                 dev: ARef::from(pdev.as_ref()),
                 bar,
                 config,
                 features,
                 queues,
                 dead: Atomic::new(false),
+                resetting: Atomic::new(false),
                 next_id: Atomic::new(1),
+                timeout_ms,
                 stats: Stats {
                     submitted: Atomic::new(0),
                     async_completions: Atomic::new(0),
                     sync_completions: Atomic::new(0),
                     errors: Atomic::new(0),
                     bytes: Atomic::new(0),
+                    timeouts: Atomic::new(0),
+                    cancels: Atomic::new(0),
+                    resets: Atomic::new(0),
                 },
-            },
+                watchdog <- new_delayed_work!("aiodma::watchdog"),
+            }),
             GFP_KERNEL,
-        )?)
+        )?;
+        let _ = workqueue::system().enqueue_delayed(dev.clone(), msecs_to_jiffies(WATCHDOG_MS));
+        Ok(dev)
     }
 
     /// BAR0 while the device is bound.
-    pub(crate) fn bar_access<'a>(&'a self, pdev: &'a pci::Device<device::Bound>) -> Result<&'a hw::Bar0<'a>> {
+    pub(crate) fn bar_access<'a>(
+        &'a self,
+        pdev: &'a pci::Device<device::Bound>,
+    ) -> Result<&'a hw::Bar0<'a>> {
         self.bar.access(pdev.as_ref())
     }
 
-    /// Queues, for programming the device at probe.
+    /// BAR0 for code that may sleep while using it: the watchdog and `shutdown` only.
+    ///
+    /// # Safety
+    /// The caller is the watchdog work or `shutdown` (called from unbind): `shutdown` flushes
+    /// the watchdog before unbind returns, so in both places the device is bound for the whole
+    /// borrow.
+    unsafe fn bar_sleepable(&self) -> Option<&hw::Bar0<'_>> {
+        // SAFETY: the caller's contract: the device stays bound while the result lives.
+        let bound = unsafe { self.dev.as_bound() };
+        self.bar.access(bound).ok()
+    }
+
+    /// Ring addresses of queue `index`, for programming the device.
     pub(crate) fn queue_addrs(&self, index: usize) -> Option<(u16, u64, u64, u64)> {
         let q = self.queues.get(index)?;
         let st = q.state.lock();
@@ -193,6 +305,16 @@ impl AioDev {
         &self.queues[cpu % self.queues.len()]
     }
 
+    /// Data descriptors per part: bounded by the device and by the ring, so that a request's
+    /// parts fit in half the ring together.
+    fn part_limits(&self, ring_size: u16) -> (usize, usize, usize) {
+        let half = usize::from(ring_size) / 2;
+        let segs = (self.config.max_segments as usize).min(half.saturating_sub(2)).max(1);
+        let bytes = self.config.max_transfer as usize;
+        let parts = (half / (segs + 2)).max(1);
+        (segs, bytes, parts)
+    }
+
     /// Submit one request. `iter` is the caller's buffer (None for FLUSH).
     ///
     /// Returns `Done(n)` (the caller returns `n`; an async kiocb was disowned), `Queued` (the
@@ -207,116 +329,203 @@ impl AioDev {
         op: u32,
         pos: i64,
         iter: Option<*mut bindings::iov_iter>,
-        mut pending: Option<PendingIocb>,
+        pending: Option<PendingIocb>,
         nowait: bool,
     ) -> Result<Submitted> {
         // Before the request reaches the device, failures go back to the caller directly: an
         // async kiocb is disowned, so aio/io_uring complete it (and io_uring retries -EAGAIN
         // from a worker without IOCB_NOWAIT).
-        let fail = |pending: Option<PendingIocb>, e: Error| -> Result<Submitted> {
+        let give_back = |pending: Option<PendingIocb>| {
             if let Some(p) = pending {
                 p.disown();
             }
-            Err(e)
         };
-        let done_now = |pending: Option<PendingIocb>, n: usize| -> Result<Submitted> {
-            if let Some(p) = pending {
-                p.disown();
-            }
-            Ok(Submitted::Done(n))
-        };
-        if self.dead.load(Relaxed) {
-            return fail(pending, ENODEV);
+        if self.dead.load(Acquire) {
+            give_back(pending);
+            return Err(ENODEV);
         }
+        let q = self.pick_queue();
+        let ring_size = match q.state.lock().ring.as_ref() {
+            Some(r) => r.size(),
+            None => {
+                give_back(pending);
+                return Err(ENODEV);
+            }
+        };
+        let (seg_limit, byte_limit, part_limit) = self.part_limits(ring_size);
         let cap = self.config.capacity;
-        let mapping = match iter {
+        let (mapping, start) = match iter {
             Some(it) => {
                 let want = iter_len(it);
                 if pos < 0 {
-                    return fail(pending, EINVAL);
+                    give_back(pending);
+                    return Err(EINVAL);
                 }
-                let pos = pos as u64;
-                if pos >= cap {
-                    return if op == abi::op::WRITE {
-                        fail(pending, ENOSPC)
-                    } else {
-                        done_now(pending, 0)
-                    };
+                let start = pos as u64;
+                if start >= cap {
+                    give_back(pending);
+                    return if op == abi::op::WRITE { Err(ENOSPC) } else { Ok(Submitted::Done(0)) };
                 }
-                let len = (want as u64).min(cap - pos).min(u64::from(self.config.max_transfer)) as usize;
+                let len = (want as u64).min(cap - start) as usize;
                 if len == 0 {
-                    return done_now(pending, 0);
+                    give_back(pending);
+                    return Ok(Submitted::Done(0));
                 }
-                let segs = (self.config.max_segments as usize).min(64);
-                // SAFETY: `it` is live (caller contract) and the device is bound while not dead.
-                match unsafe { Mapping::new(self.raw_dev(), it, len, segs, op == abi::op::READ) } {
-                    Ok(m) => Some(m),
-                    Err(e) => return fail(pending, e),
+                // Larger transfers end short (legal for a file; callers continue).
+                let len = len.min(byte_limit * part_limit);
+                // SAFETY: `it` is live (caller contract); the device is bound while not dead.
+                match unsafe {
+                    Mapping::new(self.raw_dev(), it, len, seg_limit * part_limit, op == abi::op::READ)
+                } {
+                    Ok(m) => (Some(m), start),
+                    Err(e) => {
+                        give_back(pending);
+                        return Err(e);
+                    }
                 }
             }
-            None => None,
+            None => (None, 0),
         };
-        let len = mapping.as_ref().map_or(0, Mapping::bytes);
-        let id = self.next_id.fetch_add(1, Relaxed);
-        let q = self.pick_queue();
-        let ndesc = 2 + mapping.as_ref().map_or(0, |m| m.segments().len());
 
-        let mut st = q.state.lock();
-        loop {
-            let Some(ring) = st.ring.as_ref() else {
-                drop(st);
-                return fail(pending, ENODEV);
-            };
-            if usize::from(ring.num_free()) >= ndesc {
-                break;
+        // Cut the mapping into parts within the device's limits: (first segment, count, bytes).
+        let mut cuts: KVec<(usize, usize, usize)> = KVec::new();
+        if let Some(m) = mapping.as_ref() {
+            let segs = m.segments();
+            let mut first = 0;
+            while first < segs.len() {
+                let mut n = 0;
+                let mut bytes = 0usize;
+                while first + n < segs.len()
+                    && n < seg_limit
+                    && bytes + segs[first + n].len as usize <= byte_limit
+                {
+                    bytes += segs[first + n].len as usize;
+                    n += 1;
+                }
+                if n == 0 {
+                    give_back(pending);
+                    return Err(EINVAL);
+                }
+                if let Err(e) = cuts.push((first, n, bytes), GFP_KERNEL) {
+                    give_back(pending);
+                    return Err(e.into());
+                }
+                first += n;
             }
-            if usize::from(ring.size()) < ndesc || nowait {
+        } else if let Err(e) = cuts.push((0, 0, 0), GFP_KERNEL) {
+            give_back(pending);
+            return Err(e.into());
+        }
+        let len = mapping.as_ref().map_or(0, Mapping::bytes);
+        let ndesc: usize = cuts.iter().map(|c| c.1 + 2).sum();
+        let id = self.next_id.fetch_add(1, Relaxed);
+
+        // Reserve a request slot and room in the ring.
+        let mut st = q.state.lock();
+        let slot = loop {
+            let ready = !self.resetting.load(Acquire)
+                && st.ring.as_ref().is_some_and(|r| usize::from(r.num_free()) >= ndesc);
+            if self.dead.load(Acquire) || st.ring.is_none() {
                 drop(st);
-                return fail(pending, EAGAIN);
+                give_back(pending);
+                return Err(ENODEV);
+            }
+            if ready {
+                if let Some(slot) = st.free_request_slot() {
+                    break slot;
+                }
+            }
+            if nowait || ndesc > usize::from(ring_size) {
+                drop(st);
+                give_back(pending);
+                return Err(EAGAIN);
             }
             if q.wait.wait_interruptible(&mut st) {
                 drop(st);
-                return fail(pending, ERESTARTSYS);
+                give_back(pending);
+                return Err(ERESTARTSYS);
             }
-        }
-        let QueueState { ring, requests, chain } = &mut *st;
-        let Some(ring) = ring.as_mut() else { return fail(pending, ENODEV) };
-        if let Err(e) = ring.alloc_chain(ndesc, chain) {
-            drop(st);
-            return fail(pending, e);
-        }
-        let head = chain[0];
-        let header = abi::RequestHeader {
-            op,
-            flags: 0,
-            id,
-            offset: if iter.is_some() { pos as u64 } else { 0 },
-            // CAST: len <= max_transfer, a u32.
-            length: len as u32,
-            reserved: 0,
         };
-        let haddr = ring.put_header(head, &header);
-        ring.set_desc(chain, 0, haddr, core::mem::size_of::<abi::RequestHeader>() as u32, false);
-        if let Some(m) = mapping.as_ref() {
-            for (k, s) in m.segments().iter().enumerate() {
-                ring.set_desc(chain, k + 1, s.addr, s.len, op != abi::op::WRITE);
-            }
-        }
-        let status_addr = ring.status_addr(head);
-        ring.set_desc(chain, ndesc - 1, status_addr, 1, true);
+        st.generations[slot] = st.generations[slot].wrapping_add(1);
+        let generation = st.generations[slot];
         let is_async = pending.is_some();
-        requests[usize::from(head)] = Some(Request {
+        // CAST: at most half a ring of parts.
+        let nparts = cuts.len() as u16;
+        st.requests[slot] = Some(Request {
             id,
-            op,
+            generation,
             len,
+            parts_left: nparts,
+            error: None,
+            short: false,
             mapping,
-            waiter: match pending.take() {
+            waiter: match pending {
                 Some(p) => Waiter::Async(p),
                 None => Waiter::Sync(SyncState::Waiting),
             },
+            started: Instant::now(),
+            cancel_requested: false,
         });
-        let kick = ring.publish(head);
-        crate::kdebug!("req {}: queued on q{} head {} op {} len {} pos {}\n", id, q.index, head, op, len, pos);
+        drop(st);
+
+        // aio's cancel hook takes aio's lock, which nests outside ours: arm it unlocked, and
+        // before the request can complete.
+        if is_async {
+            let st = q.state.lock();
+            if let Some(Some(Request { waiter: Waiter::Async(p), .. })) = st.requests.get(slot) {
+                let c = cookie(q.index, slot, generation);
+                let p: *const PendingIocb = p;
+                drop(st);
+                // SAFETY: the request is not published yet, so nothing but a cancel (which only
+                // sets a flag) can touch it; the PendingIocb stays where it is until then.
+                unsafe { (*p).arm_cancel(c, aio_cancel) };
+            }
+        }
+
+        // Publish every part.
+        let mut st = q.state.lock();
+        let QueueState { ring, parts, requests, chain, .. } = &mut *st;
+        let Some(ring) = ring.as_mut() else {
+            return Err(ENODEV);
+        };
+        let mut kick = false;
+        let mut offset = start;
+        for &(first, n, bytes) in cuts.iter() {
+            if ring.alloc_chain(n + 2, chain).is_err() {
+                // Cannot happen: the room was reserved above under the same lock discipline.
+                pr_err!("req {}: ring space vanished\n", id);
+                break;
+            }
+            let head = chain[0];
+            let header = abi::RequestHeader {
+                op,
+                flags: 0,
+                id,
+                offset: if iter.is_some() { offset } else { 0 },
+                // CAST: bytes <= max_transfer, a u32.
+                length: bytes as u32,
+                reserved: 0,
+            };
+            let haddr = ring.put_header(head, &header);
+            ring.set_desc(chain, 0, haddr, core::mem::size_of::<abi::RequestHeader>() as u32, false);
+            if let Some(Some(req)) = requests.get(slot) {
+                if let Some(m) = req.mapping.as_ref() {
+                    for (k, s) in m.segments()[first..first + n].iter().enumerate() {
+                        ring.set_desc(chain, k + 1, s.addr, s.len, op != abi::op::WRITE);
+                    }
+                }
+            }
+            let status_addr = ring.status_addr(head);
+            ring.set_desc(chain, n + 1, status_addr, 1, true);
+            // CAST: slot < ring size.
+            parts[usize::from(head)] = Some(Part { request: slot as u16, len: bytes, op });
+            kick |= ring.publish(head);
+            offset += bytes as u64;
+        }
+        kdebug!(
+            "req {}: queued on q{} op {} len {} pos {} in {} part(s)\n",
+            id, q.index, op, len, pos, cuts.len()
+        );
         self.stats.submitted.fetch_add(1, Relaxed);
         drop(st);
         if kick {
@@ -325,35 +534,84 @@ impl AioDev {
             }
         }
         if is_async {
-            crate::kdebug!("req {}: async kiocb, returning -EIOCBQUEUED\n", id);
+            kdebug!("req {}: async kiocb, returning -EIOCBQUEUED\n", id);
             return Ok(Submitted::Queued);
         }
+
         // Synchronous: wait for the completion path to finish the request.
         let mut st = q.state.lock();
         loop {
-            let state = match st.requests[usize::from(head)].as_ref().map(|r| &r.waiter) {
-                Some(Waiter::Sync(s)) => *s,
-                _ => return Err(EIO),
+            let done = match st.requests.get(slot).and_then(Option::as_ref) {
+                Some(r) if r.generation == generation => match r.waiter {
+                    Waiter::Sync(SyncState::Done(res)) => Some(res),
+                    _ => None,
+                },
+                _ => Some(EIO.to_errno() as isize),
             };
-            if let SyncState::Done(res) = state {
-                st.requests[usize::from(head)] = None;
-                if let Some(ring) = st.ring.as_mut() {
-                    ring.free_chain(head);
-                }
+            if let Some(res) = done {
+                st.requests[slot] = None;
                 drop(st);
                 q.wait.notify_all();
-                crate::kdebug!("req {}: sync completion {}\n", id, res);
+                kdebug!("req {}: sync completion {}\n", id, res);
                 self.stats.sync_completions.fetch_add(1, Relaxed);
-                return if res < 0 { Err(Error::from_errno(res as i32)) } else { Ok(Submitted::Done(res as usize)) };
+                if res < 0 {
+                    self.stats.errors.fetch_add(1, Relaxed);
+                    return Err(Error::from_errno(res as i32));
+                }
+                self.stats.bytes.fetch_add(res as u64, Relaxed);
+                return Ok(Submitted::Done(res as usize));
             }
             if q.wait.wait_interruptible(&mut st) && kernel::current!().signal_pending() {
-                // Only a fatal signal stops a sync transfer half-way; the completion path
-                // releases the buffers once the device returns them.
-                if let Some(Some(r)) = st.requests.get_mut(usize::from(head)) {
-                    r.waiter = Waiter::Sync(SyncState::Orphaned);
+                // The buffers stay pinned until the device returns them; the completion path
+                // then frees the slot.
+                if let Some(Some(r)) = st.requests.get_mut(slot) {
+                    r.waiter = Waiter::Gone;
                 }
-                crate::kdebug!("req {}: sync waiter interrupted, request orphaned\n", id);
+                kdebug!("req {}: sync waiter interrupted, request orphaned\n", id);
                 return Err(ERESTARTSYS);
+            }
+        }
+    }
+
+    /// A part finished (under the queue lock): fold its result into its request, and if that
+    /// was the last part, take the request apart for completion outside the lock.
+    fn part_done(st: &mut QueueState, head: u16, status: u8, used_len: u32) -> Option<Finished> {
+        let part = st.parts.get_mut(usize::from(head))?.take()?;
+        if let Some(ring) = st.ring.as_mut() {
+            ring.free_chain(head);
+        }
+        let slot = usize::from(part.request);
+        let req = st.requests.get_mut(slot)?.as_mut()?;
+        let res = status_to_result(status, part.len);
+        if res < 0 {
+            req.error.get_or_insert(res);
+        } else if part.op == abi::op::READ && (used_len as usize) < part.len + 1 {
+            req.short = true;
+        }
+        req.parts_left = req.parts_left.saturating_sub(1);
+        if req.parts_left > 0 {
+            return None;
+        }
+        let result = match (req.error, req.short) {
+            (Some(e), _) => e,
+            (None, true) => EIO.to_errno() as isize,
+            (None, false) => req.len as isize,
+        };
+        let mapping = req.mapping.take();
+        let id = req.id;
+        match core::mem::replace(&mut req.waiter, Waiter::Gone) {
+            Waiter::Async(p) => {
+                st.requests[slot] = None;
+                Some(Finished { mapping, pending: Some(p), result, id })
+            }
+            Waiter::Sync(_) => {
+                // Released outside the lock, then marked done for the waiter.
+                req.waiter = Waiter::Sync(SyncState::Done(result));
+                Some(Finished { mapping, pending: None, result, id })
+            }
+            Waiter::Gone => {
+                st.requests[slot] = None;
+                Some(Finished { mapping, pending: None, result, id })
             }
         }
     }
@@ -362,15 +620,12 @@ impl AioDev {
     pub(crate) fn complete_queue(&self, index: usize) {
         let Some(q) = self.queues.get(index) else { return };
         loop {
-            // Take up to a batch of finished requests under the lock.
-            let mut batch: [Option<(u16, isize, Option<Mapping>, Option<PendingIocb>, u64, bool)>; 16] =
-                Default::default();
+            let mut batch: [Option<Finished>; 16] = Default::default();
             let mut n = 0;
             {
                 let mut st = q.state.lock();
-                let QueueState { ring, requests, .. } = &mut *st;
-                let Some(ring) = ring.as_mut() else { return };
                 while n < batch.len() {
+                    let Some(ring) = st.ring.as_mut() else { break };
                     let Some((head, used_len)) = ring.pop_used() else {
                         if ring.arm_interrupt() {
                             continue;
@@ -378,134 +633,250 @@ impl AioDev {
                         break;
                     };
                     let status = ring.status(head);
-                    let Some(req) = requests[usize::from(head)].as_mut() else {
-                        pr_warn!("q{}: completion for idle head {}\n", index, head);
-                        continue;
-                    };
-                    let mut res = status_to_result(status, req.len);
-                    if res >= 0 && req.op == abi::op::READ && (used_len as usize) < req.len + 1 {
-                        res = EIO.to_errno() as isize;
+                    match Self::part_done(&mut st, head, status, used_len) {
+                        Some(f) => {
+                            batch[n] = Some(f);
+                            n += 1;
+                        }
+                        None => {}
                     }
-                    let mapping = req.mapping.take();
-                    let id = req.id;
-                    match &mut req.waiter {
-                        Waiter::Sync(s @ SyncState::Waiting) => {
-                            *s = SyncState::Releasing;
-                            batch[n] = Some((head, res, mapping, None, id, true));
-                        }
-                        Waiter::Sync(_) => {
-                            // Orphaned: nobody waits; free everything here.
-                            requests[usize::from(head)] = None;
-                            ring.free_chain(head);
-                            batch[n] = Some((head, res, mapping, None, id, false));
-                        }
-                        Waiter::Async(_) => {
-                            let Some(Request { waiter: Waiter::Async(p), .. }) =
-                                requests[usize::from(head)].take()
-                            else {
-                                continue;
-                            };
-                            ring.free_chain(head);
-                            batch[n] = Some((head, res, mapping, Some(p), id, false));
-                        }
-                    }
-                    n += 1;
                 }
             }
             if n == 0 {
+                q.wait.notify_all();
                 return;
             }
-            let mut wake = false;
-            for entry in batch.iter_mut().take(n) {
-                let Some((head, res, mapping, pending, id, sync)) = entry.take() else { continue };
-                // Unmap and unpin before anyone learns the request is done.
-                drop(mapping);
-                if res < 0 {
-                    self.stats.errors.fetch_add(1, Relaxed);
-                } else {
-                    self.stats.bytes.fetch_add(res as u64, Relaxed);
-                }
-                if let Some(p) = pending {
-                    crate::kdebug!("req {}: completed, ki_complete({})\n", id, res);
-                    self.stats.async_completions.fetch_add(1, Relaxed);
-                    p.complete(res);
-                } else if sync {
-                    let mut st = q.state.lock();
-                    let QueueState { ring, requests, .. } = &mut *st;
-                    if let Some(req) = requests[usize::from(head)].as_mut() {
-                        match req.waiter {
-                            Waiter::Sync(SyncState::Orphaned) => {
-                                requests[usize::from(head)] = None;
-                                if let Some(r) = ring.as_mut() {
-                                    r.free_chain(head);
-                                }
-                            }
-                            _ => req.waiter = Waiter::Sync(SyncState::Done(res)),
-                        }
-                    }
-                }
-                wake = true;
+            for f in batch.iter_mut().take(n).filter_map(Option::take) {
+                f.finish(&self.stats);
             }
-            if wake {
-                q.wait.notify_all();
-            }
+            q.wait.notify_all();
         }
     }
 
-    /// The device is going away: stop it, fail everything in flight, free the rings.
-    pub(crate) fn shutdown(&self) {
-        self.dead.store(true, kernel::sync::atomic::Release);
-        if let Some(bar) = self.bar.try_access() {
-            if hw::reset(&bar).is_err() {
-                pr_err!("device did not complete its reset; DMA may still be in flight\n");
+    /// aio `io_cancel` (under aio's context lock, IRQs off): flag the request; the watchdog
+    /// completes it with -ECANCELED within `WATCHDOG_MS`.
+    fn request_cancel(&self, cookie: usize) -> bool {
+        let queue = (cookie >> 16) & 0xffff;
+        let slot = cookie & 0xffff;
+        let generation = (cookie >> 32) as u32;
+        let Some(q) = self.queues.get(queue) else { return false };
+        let mut st = q.state.lock();
+        match st.requests.get_mut(slot).and_then(Option::as_mut) {
+            Some(r) if r.generation == generation && matches!(r.waiter, Waiter::Async(_)) => {
+                r.cancel_requested = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Periodic work: complete cancelled kiocbs, and reset the device when a request is
+    /// older than the timeout or the device asks for a reset.
+    fn watchdog_tick(&self) {
+        let mut expired = false;
+        let mut busy = false;
+        for q in self.queues.iter() {
+            let mut cancelled: [Option<(PendingIocb, u64)>; 16] = Default::default();
+            let mut n = 0;
+            {
+                let mut st = q.state.lock();
+                for r in st.requests.iter_mut().flatten() {
+                    busy = true;
+                    if r.cancel_requested && n < cancelled.len() {
+                        if let Waiter::Async(p) = core::mem::replace(&mut r.waiter, Waiter::Gone) {
+                            cancelled[n] = Some((p, r.id));
+                            n += 1;
+                        }
+                    }
+                    if !matches!(r.waiter, Waiter::Gone)
+                        && r.started.elapsed().as_millis() > i64::from(self.timeout_ms)
+                    {
+                        expired = true;
+                    }
+                }
+            }
+            for (p, id) in cancelled.iter_mut().take(n).filter_map(Option::take) {
+                kdebug!("req {}: cancelled, ki_complete(-ECANCELED)\n", id);
+                self.stats.cancels.fetch_add(1, Relaxed);
+                p.complete(ECANCELED.to_errno() as isize);
             }
         }
+        // SAFETY: this is the watchdog.
+        let needs_reset = busy
+            && unsafe { self.bar_sleepable() }
+                .is_some_and(|bar| hw::status(bar) & abi::status::NEEDS_RESET != 0);
+        if expired || needs_reset {
+            self.reset(if expired { "request timeout" } else { "device NEEDS_RESET" });
+        }
+    }
+
+    /// Fail every request still owned by the driver (`timed_out_res` for those older than the
+    /// timeout, `other_res` for the rest) and forget every chain. The device must be stopped.
+    fn fail_all(&self, timed_out_res: isize, other_res: isize) -> usize {
+        let mut failed = 0;
         for q in self.queues.iter() {
             loop {
-                let mut victims: [Option<(Option<Mapping>, Option<PendingIocb>)>; 16] = Default::default();
+                let mut batch: [Option<Finished>; 16] = Default::default();
                 let mut n = 0;
                 {
                     let mut st = q.state.lock();
-                    let QueueState { requests, .. } = &mut *st;
-                    for slot in requests.iter_mut() {
-                        if n == victims.len() {
+                    for p in st.parts.iter_mut() {
+                        *p = None;
+                    }
+                    if let Some(ring) = st.ring.as_mut() {
+                        ring.reset();
+                    }
+                    for slot in 0..st.requests.len() {
+                        if n == batch.len() {
                             break;
                         }
-                        let Some(req) = slot.as_mut() else { continue };
-                        match &req.waiter {
-                            Waiter::Async(_) => {
-                                if let Some(Request { mapping, waiter: Waiter::Async(p), .. }) = slot.take() {
-                                    victims[n] = Some((mapping, Some(p)));
-                                    n += 1;
-                                }
-                            }
-                            Waiter::Sync(SyncState::Waiting) | Waiter::Sync(SyncState::Orphaned) => {
-                                let m = req.mapping.take();
-                                req.waiter = Waiter::Sync(SyncState::Done(ENODEV.to_errno() as isize));
-                                victims[n] = Some((m, None));
-                                n += 1;
-                            }
-                            _ => {}
+                        let Some(r) = st.requests[slot].as_mut() else { continue };
+                        if matches!(r.waiter, Waiter::Sync(SyncState::Done(_))) {
+                            continue;
                         }
+                        let late = r.started.elapsed().as_millis() > i64::from(self.timeout_ms);
+                        let result = if late { timed_out_res } else { other_res };
+                        let mapping = r.mapping.take();
+                        let id = r.id;
+                        let f = match core::mem::replace(&mut r.waiter, Waiter::Gone) {
+                            Waiter::Async(p) => {
+                                st.requests[slot] = None;
+                                Finished { mapping, pending: Some(p), result, id }
+                            }
+                            Waiter::Sync(_) => {
+                                r.waiter = Waiter::Sync(SyncState::Done(result));
+                                Finished { mapping, pending: None, result, id }
+                            }
+                            Waiter::Gone => {
+                                st.requests[slot] = None;
+                                Finished { mapping, pending: None, result, id }
+                            }
+                        };
+                        if late {
+                            self.stats.timeouts.fetch_add(1, Relaxed);
+                            kdebug!("req {}: timed out\n", id);
+                        }
+                        batch[n] = Some(f);
+                        n += 1;
                     }
                 }
                 if n == 0 {
                     break;
                 }
-                for v in victims.iter_mut().take(n) {
-                    if let Some((m, p)) = v.take() {
-                        drop(m);
-                        if let Some(p) = p {
-                            p.complete(ENODEV.to_errno() as isize);
-                        }
-                    }
+                failed += n;
+                for f in batch.iter_mut().take(n).filter_map(Option::take) {
+                    f.finish(&self.stats);
                 }
                 q.wait.notify_all();
             }
+        }
+        failed
+    }
+
+    /// Reset the device, fail what it held, program it again and resume service. Watchdog only.
+    fn reset(&self, why: &str) {
+        self.resetting.store(true, Release);
+        // SAFETY: only the watchdog resets the device.
+        let Some(bar) = (unsafe { self.bar_sleepable() }) else { return };
+        if hw::reset(bar).is_err() {
+            pr_err!("device did not complete its reset ({}); giving up on it\n", why);
+            self.dead.store(true, Release);
+        }
+        let failed = self.fail_all(ETIMEDOUT.to_errno() as isize, EIO.to_errno() as isize);
+        self.stats.resets.fetch_add(1, Relaxed);
+        if !self.dead.load(Acquire) {
+            if let Err(e) = self.reprogram() {
+                pr_err!("device reinitialisation failed: {:?}\n", e);
+                self.dead.store(true, Release);
+            }
+        }
+        pr_warn!("device reset after {}: {} request(s) failed\n", why, failed);
+        self.resetting.store(false, Release);
+        for q in self.queues.iter() {
+            q.wait.notify_all();
+        }
+    }
+
+    /// Negotiate and program the queues again after a reset. Watchdog only.
+    fn reprogram(&self) -> Result {
+        // SAFETY: called from `reset`, i.e. by the watchdog.
+        let bar = unsafe { self.bar_sleepable() }.ok_or(ENODEV)?;
+        hw::set_status(bar, abi::status::ACKNOWLEDGE | abi::status::DRIVER);
+        hw::negotiate(bar, self.features)?;
+        for (i, q) in self.queues.iter().enumerate() {
+            let (size, desc, driver, device) = {
+                let st = q.state.lock();
+                let ring = st.ring.as_ref().ok_or(ENODEV)?;
+                let (d, a, u) = ring.addrs();
+                (ring.size(), d, a, u)
+            };
+            // CAST: at most MAX_QUEUES queues.
+            let index = i as u16;
+            hw::setup_queue(bar, index, &hw::QueueAddrs { size, desc, driver, device, vector: index })?;
+        }
+        hw::set_status(bar, abi::status::DRIVER_OK);
+        Ok(())
+    }
+
+    /// The device is going away: stop the watchdog and the device, fail everything in flight,
+    /// free the rings.
+    pub(crate) fn shutdown(&self) {
+        self.dead.store(true, Release);
+        // The watchdog re-arms itself only while not dead; run any pending tick now and wait.
+        // SAFETY: `DelayedWork` is `#[repr(transparent)]` over the C `delayed_work`, which lives
+        // as long as `self`.
+        unsafe {
+            bindings::flush_delayed_work(
+                core::ptr::from_ref(&self.watchdog).cast::<bindings::delayed_work>().cast_mut(),
+            )
+        };
+        // SAFETY: this is `shutdown`, called from unbind.
+        if let Some(bar) = unsafe { self.bar_sleepable() } {
+            if hw::reset(bar).is_err() {
+                pr_err!("device did not complete its reset; DMA may still be in flight\n");
+            }
+        }
+        self.fail_all(ENODEV.to_errno() as isize, ENODEV.to_errno() as isize);
+        for q in self.queues.iter() {
             // The rings go with the binding (DMA memory must be freed before unbind returns).
             let ring = q.state.lock().ring.take();
             drop(ring);
             q.wait.notify_all();
         }
+    }
+}
+
+impl WorkItem for AioDev {
+    type Pointer = Arc<AioDev>;
+
+    fn run(this: Arc<AioDev>) {
+        if this.dead.load(Acquire) {
+            return;
+        }
+        this.watchdog_tick();
+        if !this.dead.load(Acquire) {
+            let _ = workqueue::system().enqueue_delayed(this, msecs_to_jiffies(WATCHDOG_MS));
+        }
+    }
+}
+
+/// aio's cancel callback (see `PendingIocb::arm_cancel`).
+///
+/// # Safety
+/// Called by aio under its context lock with a kiocb of one of our files whose `private` holds
+/// the cookie we stored.
+unsafe extern "C" fn aio_cancel(k: *mut bindings::kiocb) -> c_int {
+    // SAFETY: the aio request holds a reference on its file, whose private data is our
+    // `Arc<OpenFile>`; `private` is the cookie written by `arm_cancel`.
+    let (of, cookie) = unsafe {
+        (
+            Arc::<OpenFile>::borrow((*(*k).ki_filp).private_data),
+            (*k).private as usize,
+        )
+    };
+    if of.dev().request_cancel(cookie) {
+        0
+    } else {
+        EINVAL.to_errno()
     }
 }

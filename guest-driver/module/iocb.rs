@@ -14,6 +14,15 @@ pub(crate) const FMODE_CAN_ODIRECT: u32 = 1 << 22;
 /// `IOCB_NOWAIT` = `RWF_NOWAIT` (include/linux/fs.h, include/uapi/linux/fs.h).
 pub(crate) const IOCB_NOWAIT: i32 = 0x8;
 
+type CancelFn = unsafe extern "C" fn(*mut bindings::kiocb) -> core::ffi::c_int;
+
+// fs/aio.c (CONFIG_AIO=y); linux/aio.h is not among the Rust bindings' headers. Only a pointer
+// to the kiocb crosses, so the (bindgen-opaque) field types inside it do not matter.
+#[allow(improper_ctypes)]
+extern "C" {
+    fn kiocb_set_cancel_fn(req: *mut bindings::kiocb, cancel: Option<CancelFn>);
+}
+
 /// A kiocb handed to `read_iter`/`write_iter`, valid for the duration of that call.
 #[derive(Clone, Copy)]
 pub(crate) struct KiocbRef(NonNull<bindings::kiocb>);
@@ -81,6 +90,21 @@ pub(crate) struct PendingIocb(NonNull<bindings::kiocb>);
 unsafe impl Send for PendingIocb {}
 
 impl PendingIocb {
+    /// Make the request cancellable with `io_cancel` (aio only; io_uring kiocbs are left alone)
+    /// and remember `cookie` for the cancel callback. Must not be called under a lock the
+    /// cancel callback takes: aio calls it under its own context lock, which this takes too.
+    pub(crate) fn arm_cancel(&self, cookie: usize, cancel: CancelFn) {
+        let k = self.0.as_ptr();
+        // SAFETY: by the type invariant the kiocb is live. `private` is unused by aio
+        // (aio_prep_rw sets it to NULL) and only aio kiocbs carry IOCB_AIO_RW.
+        unsafe {
+            if (*k).ki_flags & bindings::IOCB_AIO_RW as i32 != 0 {
+                (*k).private = cookie as *mut core::ffi::c_void;
+                kiocb_set_cancel_fn(k, Some(cancel));
+            }
+        }
+    }
+
     /// Give the obligation back: the submitter returns an error (not `-EIOCBQUEUED`), and aio
     /// or io_uring complete the request themselves (io_uring retries `-EAGAIN` from a worker).
     pub(crate) fn disown(self) {

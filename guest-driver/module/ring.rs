@@ -84,6 +84,21 @@ impl Ring {
         unsafe { core::ptr::read_volatile(self.base().add(off).cast::<T>()) }
     }
 
+    /// Forget every chain and index after a device reset: the device starts over at index 0.
+    pub(crate) fn reset(&mut self) {
+        let total = self.mem.size();
+        for off in 0..total {
+            self.write::<u8>(off, 0);
+        }
+        self.free_head = 0;
+        self.num_free = self.size;
+        self.avail_idx = 0;
+        self.last_used = 0;
+        for i in 0..self.size {
+            self.write_desc(i, 0, 0, 0, i.wrapping_add(1));
+        }
+    }
+
     /// Number of entries.
     pub(crate) fn size(&self) -> u16 {
         self.size
