@@ -75,3 +75,67 @@ fn async_io_with_two_queues_and_concurrent_processes() {
     out.assert_stdout_contains("statuses=00000");
     out.assert_stdout_contains("aiodma0: 2 queue(s)");
 }
+
+#[test]
+fn dropped_requests_time_out_reset_the_device_and_service_resumes() {
+    // Every 5th request is never completed by the device (counting restarts at each reset);
+    // the driver's watchdog (500 ms here) fails it with -ETIMEDOUT, resets the device, and
+    // later I/O works, all in one boot.
+    let script = format!(
+        "dd if=/dev/aiodma0 of=/dev/null bs=4k count=8 2>&1 | grep -o 'Connection timed out'; \
+         aiodma-aio verify --engine sync --requests 2 --qd 1 --seed 3; \
+         aiodma-aio info | grep -e timeouts -e resets; {CLEAN_LOG}"
+    );
+    let out = Guest::new()
+        .flag("--fault")
+        .flag("drop:every=5")
+        .flag("--append")
+        .flag("aiodma.timeout_ms=500")
+        .sh(&script);
+    out.assert_code(0);
+    out.assert_stdout_contains("Connection timed out");
+    out.assert_stdout_contains("verify: engine=sync qd=1 requests=2");
+    assert!(stat(&out.stdout, "timeouts") >= 1, "{}", out.report());
+    assert!(stat(&out.stdout, "resets") >= 1, "{}", out.report());
+}
+
+#[test]
+fn injected_errors_reach_exactly_the_failed_requests() {
+    // Every 3rd read fails with IOERR on the device: exactly reads 3 and 6 see EIO.
+    let script = format!(
+        "for i in 1 2 3 4 5 6; do \
+           if dd if=/dev/aiodma0 of=/dev/null bs=4k count=1 skip=$i 2>/dev/null; \
+           then echo read-$i-ok; else echo read-$i-failed; fi; \
+         done; aiodma-aio info | grep -e errors -e resets; {CLEAN_LOG}"
+    );
+    let out = Guest::new()
+        .flag("--fault")
+        .flag("error:every=3,op=read")
+        .sh(&script);
+    out.assert_code(0);
+    for i in 1..=6 {
+        let want = if i % 3 == 0 { "failed" } else { "ok" };
+        out.assert_stdout_contains(&format!("read-{i}-{want}"));
+    }
+    assert_eq!(stat(&out.stdout, "errors"), 2, "{}", out.report());
+    assert_eq!(stat(&out.stdout, "resets"), 0, "{}", out.report());
+}
+
+#[test]
+fn hung_device_is_reset_and_recovers() {
+    let script = format!(
+        "aiodma-aio verify --engine libaio --requests 8 --qd 4 --seed 1 2>&1 | tail -1; \
+         aiodma-aio verify --engine uring --requests 2 --qd 1 --seed 2; \
+         aiodma-aio info | grep -e timeouts -e resets; {CLEAN_LOG}"
+    );
+    let out = Guest::new()
+        .flag("--fault")
+        .flag("hang:after=4")
+        .flag("--append")
+        .flag("aiodma.timeout_ms=500")
+        .sh(&script);
+    out.assert_code(0);
+    out.assert_stdout_contains("result -110");
+    out.assert_stdout_contains("verify: engine=uring qd=1 requests=2");
+    assert!(stat(&out.stdout, "resets") >= 1, "{}", out.report());
+}
