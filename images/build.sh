@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Build the test guest: kernel, out-of-tree module, guest tools, initramfs and the fio layer.
 #
-#   images/build.sh [all|kernel|module|tools|initramfs|fio]      (default: all)
+#   images/build.sh [all|kernel|module|tools|initramfs|fio|debug]      (default: all)
+#
+# `debug` builds the debug variant (kernel.config + kernel-debug.config: lockdep, atomic-sleep
+# checks, list and slab debugging) with its own module and initramfs, published with a
+# `-debug` suffix; `all` includes it.
 #
 # Every artifact lives in $AIODMA_CACHE (default ~/.cache/aiodma), in a directory named by a hash
 # of everything that affects it, so a fresh clone on the same machine reuses it and a change to
@@ -40,9 +44,18 @@ verify_config() {
     fi
 }
 
+# The variant being built: "" (the test guest and emulated host) or "debug".
+VARIANT=${VARIANT:-}
+suffix() { if [ -n "$VARIANT" ]; then echo "-$VARIANT"; fi; }
+fragments() {
+    echo "$IMAGES/kernel.config"
+    if [ "$VARIANT" = debug ]; then echo "$IMAGES/kernel-debug.config"; fi
+}
+
 # kernel_key KSRC: the cache key of a kernel build from that tree.
 kernel_key() {
-    hash_inputs "$(basename "$1")" "$(make -s -C "$1" kernelversion)" "$IMAGES/kernel.config" "$(toolchain_id)"
+    # shellcheck disable=SC2046
+    hash_inputs "$(basename "$1")" "$(make -s -C "$1" kernelversion)" $(fragments) "$(toolchain_id)"
 }
 
 build_kernel() {
@@ -50,25 +63,27 @@ build_kernel() {
     start=$(now_ns)
     ksrc=$("$IMAGES/kernel-src.sh")
     kbuild="$AIODMA_CACHE/kernel/$(kernel_key "$ksrc")"
+    local frag
     if [ -f "$kbuild/.aiodma-complete" ]; then
-        step_done kernel cached "$start"
+        step_done "kernel$(suffix)" cached "$start"
     else
-        log "building Linux $(make -s -C "$ksrc" kernelversion) in $kbuild (about 4 min on 2 cores)"
+        log "building Linux $(make -s -C "$ksrc" kernelversion)$(suffix) in $kbuild (about 4 min on 2 cores)"
         rm -rf "$kbuild" && mkdir -p "$kbuild"
         local logf="$kbuild/build.log"
+        # shellcheck disable=SC2046
         {
             make -C "$ksrc" O="$kbuild" tinyconfig \
-            && "$ksrc/scripts/kconfig/merge_config.sh" -m -O "$kbuild" "$kbuild/.config" "$IMAGES/kernel.config" \
+            && "$ksrc/scripts/kconfig/merge_config.sh" -m -O "$kbuild" "$kbuild/.config" $(fragments) \
             && make -C "$ksrc" O="$kbuild" olddefconfig
         } > "$logf" 2>&1 || { tail -n 30 "$logf" >&2; die "kernel configuration failed (log: $logf)"; }
-        verify_config "$kbuild/.config" "$IMAGES/kernel.config"
+        for frag in $(fragments); do verify_config "$kbuild/.config" "$frag"; done
         make -C "$ksrc" O="$kbuild" -j"$JOBS" bzImage modules >> "$logf" 2>&1 \
             || { tail -n 40 "$logf" >&2; die "kernel build failed (log: $logf)"; }
         touch "$kbuild/.aiodma-complete"
-        step_done kernel built "$start"
+        step_done "kernel$(suffix)" built "$start"
     fi
-    link_out bzImage "$kbuild/arch/x86/boot/bzImage"
-    link_out kernel.config "$kbuild/.config"
+    link_out "bzImage$(suffix)" "$kbuild/arch/x86/boot/bzImage"
+    link_out "kernel$(suffix).config" "$kbuild/.config"
     KSRC=$ksrc KBUILD=$kbuild
 }
 
@@ -80,15 +95,15 @@ build_module() {
         "$AIODMA_ROOT/device/src/abi.rs")
     out="$AIODMA_CACHE/module/$key"
     if [ -f "$out/aiodma.ko" ]; then
-        step_done module cached "$start"
+        step_done "module$(suffix)" cached "$start"
     else
         rm -rf "$out" && mkdir -p "$out"
         # MO= keeps every build product out of the source tree.
         make -C "$KSRC" O="$KBUILD" M="$AIODMA_ROOT/guest-driver/module" MO="$out" modules \
             > "$out/build.log" 2>&1 || { cat "$out/build.log" >&2; rm -f "$out/aiodma.ko"; die "module build failed"; }
-        step_done module built "$start"
+        step_done "module$(suffix)" built "$start"
     fi
-    link_out aiodma.ko "$out/aiodma.ko"
+    link_out "aiodma$(suffix).ko" "$out/aiodma.ko"
     MODULE=$out/aiodma.ko
 }
 
@@ -116,7 +131,7 @@ build_initramfs() {
     key=$(hash_inputs "${inputs[@]}" "$(basename "$(dirname "$MODULE")")" "${GUEST_TOOLS[*]}")
     out="$AIODMA_CACHE/initramfs/$key"
     if [ -f "$out/initramfs.cpio.gz" ]; then
-        step_done initramfs cached "$start"
+        step_done "initramfs$(suffix)" cached "$start"
     else
         local stage
         stage=$(mktemp -d)
@@ -138,9 +153,9 @@ build_initramfs() {
         (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort) > "$out/contents.txt"
         rm -rf "$stage"
         mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
-        step_done initramfs built "$start"
+        step_done "initramfs$(suffix)" built "$start"
     fi
-    link_out initramfs.cpio.gz "$out/initramfs.cpio.gz"
+    link_out "initramfs$(suffix).cpio.gz" "$out/initramfs.cpio.gz"
 }
 
 # fio and exactly the shared objects it loads, as a separate layer appended only when needed
@@ -184,11 +199,15 @@ build_fio_layer() {
 
 what=${1:-all}
 case "$what" in
-    all) build_kernel; build_module; build_tools; build_initramfs; build_fio_layer ;;
+    all)
+        build_kernel; build_module; build_tools; build_initramfs; build_fio_layer
+        (VARIANT=debug; build_kernel; build_module; build_initramfs)
+        ;;
+    debug) build_tools; VARIANT=debug; build_kernel; build_module; build_initramfs ;;
     kernel) build_kernel ;;
     module) build_module ;;
     tools) build_tools ;;
     initramfs) build_initramfs ;;
     fio) build_fio_layer ;;
-    *) echo "usage: $0 [all|kernel|module|tools|initramfs|fio]" >&2; exit 2 ;;
+    *) echo "usage: $0 [all|kernel|module|tools|initramfs|fio|debug]" >&2; exit 2 ;;
 esac

@@ -48,9 +48,35 @@ pub(crate) use kdebug;
 const QUEUE_SIZE: u16 = 256;
 /// Most queues (and MSI-X vectors) the driver uses.
 const MAX_QUEUES: u16 = 8;
-/// Device node names, one per bound device.
+/// Device node names, one per bound device; the lowest free one is taken at probe and given
+/// back at unbind, so a rebound device gets its old name.
 const NAMES: [&CStr; 4] = [c"aiodma0", c"aiodma1", c"aiodma2", c"aiodma3"];
-static INSTANCES: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+static NAMES_IN_USE: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+/// A claimed entry of `NAMES`, released on drop.
+struct NameSlot(usize);
+
+impl NameSlot {
+    fn claim() -> Result<Self> {
+        use core::sync::atomic::Ordering::AcqRel;
+        for i in 0..NAMES.len() {
+            if NAMES_IN_USE.fetch_or(1 << i, AcqRel) & (1 << i) == 0 {
+                return Ok(NameSlot(i));
+            }
+        }
+        Err(ENOSPC)
+    }
+
+    fn name(&self) -> &'static CStr {
+        NAMES[self.0]
+    }
+}
+
+impl Drop for NameSlot {
+    fn drop(&mut self) {
+        NAMES_IN_USE.fetch_and(!(1 << self.0), core::sync::atomic::Ordering::AcqRel);
+    }
+}
 
 /// Vendor 0x1234 is not in the kernel's vendor table, whose constructor is private.
 // SAFETY: `pci::Vendor` is `#[repr(transparent)]` over the 16-bit vendor ID, and every 16-bit
@@ -85,6 +111,8 @@ struct AiodmaData<'bound> {
     chardev: chardev::Chardev,
     vectors: KBox<pci::IrqVectorRegistration<'bound>>,
     dev: Arc<dev::AioDev>,
+    // After `chardev`: the name is free again only once the node is gone.
+    name: NameSlot,
 }
 
 struct AiodmaDriver;
@@ -173,8 +201,8 @@ impl pci::Driver for AiodmaDriver {
                 }
                 hw::set_status(bar, abi::status::DRIVER_OK);
             }
-            let n = INSTANCES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-            let name = NAMES.get(n).copied().ok_or(ENOSPC)?;
+            let slot = NameSlot::claim()?;
+            let name = slot.name();
             dev_info!(
                 pdev,
                 "{}: {} queue(s) x {}, capacity {} bytes, features {:#x}, ABI v{}\n",
@@ -190,6 +218,7 @@ impl pci::Driver for AiodmaDriver {
                 chardev <- chardev::Chardev::register(name, aio.clone()),
                 vectors,
                 dev: aio,
+                name: slot,
             }))
         })
     }
