@@ -142,7 +142,13 @@ fn setup<'bound>(pdev: &'bound pci::Device<Core<'_>>) -> Result<(Arc<dev::AioDev
         return Err(ENODEV);
     }
     config.num_queues = config.num_queues.min(MAX_QUEUES);
-    let size = QUEUE_SIZE.min(config.queue_size_max.next_power_of_two() >> u16::from(!config.queue_size_max.is_power_of_two()));
+    // The largest power of two the device accepts, at most QUEUE_SIZE; a request needs at
+    // least a header, one data and one status descriptor, so smaller rings are refused.
+    let size = QUEUE_SIZE.min(1u16 << (15 - config.queue_size_max.leading_zeros()));
+    if size < 4 {
+        dev_err!(pdev, "queue size {} is too small (need 4)\n", config.queue_size_max);
+        return Err(ENODEV);
+    }
     let bar = bar.into_devres()?;
     let aio = dev::AioDev::new(pdev, bar, config, features, size, module_parameters::timeout_ms.value())?;
     Ok((aio, size))

@@ -18,8 +18,8 @@ use kernel::{
     bindings, device, pci,
     prelude::*,
     sync::{
-        atomic::{Acquire, Atomic, Relaxed, Release},
         aref::ARef,
+        atomic::{Acquire, Atomic, Relaxed, Release},
         new_condvar, new_spinlock_irq, Arc, CondVar, SpinLockIrq,
     },
     time::{msecs_to_jiffies, Instant, Monotonic},
@@ -87,7 +87,9 @@ struct QueueState {
     /// Request slots.
     requests: KVec<Option<Request>>,
     generations: KVec<u32>,
-    chain: KVec<u16>,
+    /// Bumped by every reset of the ring, so a submitter that reserved descriptors before a
+    /// reset does not publish them after it.
+    epoch: u64,
 }
 
 impl QueueState {
@@ -221,12 +223,11 @@ impl AioDev {
                 requests.push(None, GFP_KERNEL)?;
                 generations.push(0, GFP_KERNEL)?;
             }
-            let chain = KVec::with_capacity(usize::from(size), GFP_KERNEL)?;
             let q = KBox::pin_init(
                 pin_init!(Queue {
                     index,
                     state <- new_spinlock_irq!(QueueState {
-                        ring: Some(ring), parts, requests, generations, chain
+                        ring: Some(ring), parts, requests, generations, epoch: 0
                     }),
                     wait <- new_condvar!(),
                 }),
@@ -259,7 +260,8 @@ impl AioDev {
             }),
             GFP_KERNEL,
         )?;
-        let _ = workqueue::system().enqueue_delayed(dev.clone(), msecs_to_jiffies(WATCHDOG_MS));
+        let _ =
+            workqueue::system_unbound().enqueue_delayed(dev.clone(), msecs_to_jiffies(WATCHDOG_MS));
         Ok(dev)
     }
 
@@ -295,7 +297,9 @@ impl AioDev {
     fn raw_dev(&self) -> *mut bindings::device {
         // CAST: `device::Device` is `#[repr(transparent)]` over the C `struct device` (its
         // `as_raw` is crate-private).
-        core::ptr::from_ref::<device::Device>(&self.dev).cast::<bindings::device>().cast_mut()
+        core::ptr::from_ref::<device::Device>(&self.dev)
+            .cast::<bindings::device>()
+            .cast_mut()
     }
 
     fn pick_queue(&self) -> &Queue {
@@ -309,7 +313,9 @@ impl AioDev {
     /// parts fit in half the ring together.
     fn part_limits(&self, ring_size: u16) -> (usize, usize, usize) {
         let half = usize::from(ring_size) / 2;
-        let segs = (self.config.max_segments as usize).min(half.saturating_sub(2)).max(1);
+        let segs = (self.config.max_segments as usize)
+            .min(half.saturating_sub(2))
+            .max(1);
         let bytes = self.config.max_transfer as usize;
         let parts = (half / (segs + 2)).max(1);
         (segs, bytes, parts)
@@ -364,7 +370,11 @@ impl AioDev {
                 let start = pos as u64;
                 if start >= cap {
                     give_back(pending);
-                    return if op == abi::op::WRITE { Err(ENOSPC) } else { Ok(Submitted::Done(0)) };
+                    return if op == abi::op::WRITE {
+                        Err(ENOSPC)
+                    } else {
+                        Ok(Submitted::Done(0))
+                    };
                 }
                 let len = (want as u64).min(cap - start) as usize;
                 if len == 0 {
@@ -375,7 +385,13 @@ impl AioDev {
                 let len = len.min(byte_limit * part_limit);
                 // SAFETY: `it` is live (caller contract); the device is bound while not dead.
                 match unsafe {
-                    Mapping::new(self.raw_dev(), it, len, seg_limit * part_limit, op == abi::op::READ)
+                    Mapping::new(
+                        self.raw_dev(),
+                        it,
+                        len,
+                        seg_limit * part_limit,
+                        op == abi::op::READ,
+                    )
                 } {
                     Ok(m) => (Some(m), start),
                     Err(e) => {
@@ -419,20 +435,37 @@ impl AioDev {
         let len = mapping.as_ref().map_or(0, Mapping::bytes);
         let ndesc: usize = cuts.iter().map(|c| c.1 + 2).sum();
         let id = self.next_id.fetch_add(1, Relaxed);
+        // The descriptors are taken together with the request slot, under one lock hold, so
+        // nobody can take the room between the check and the use.
+        let mut descs: KVec<u16> = match KVec::with_capacity(ndesc, GFP_KERNEL) {
+            Ok(v) => v,
+            Err(e) => {
+                give_back(pending);
+                return Err(e.into());
+            }
+        };
 
-        // Reserve a request slot and room in the ring.
+        // Reserve a request slot and the descriptors.
         let mut st = q.state.lock();
         let slot = loop {
-            let ready = !self.resetting.load(Acquire)
-                && st.ring.as_ref().is_some_and(|r| usize::from(r.num_free()) >= ndesc);
             if self.dead.load(Acquire) || st.ring.is_none() {
                 drop(st);
                 give_back(pending);
                 return Err(ENODEV);
             }
+            let ready = !self.resetting.load(Acquire)
+                && st
+                    .ring
+                    .as_ref()
+                    .is_some_and(|r| usize::from(r.num_free()) >= ndesc);
             if ready {
                 if let Some(slot) = st.free_request_slot() {
-                    break slot;
+                    if let Some(ring) = st.ring.as_mut() {
+                        // `descs` has room for `ndesc`: no allocation under the lock.
+                        if ring.alloc_chain(ndesc, &mut descs).is_ok() {
+                            break slot;
+                        }
+                    }
                 }
             }
             if nowait || ndesc > usize::from(ring_size) {
@@ -446,11 +479,15 @@ impl AioDev {
                 return Err(ERESTARTSYS);
             }
         };
+        let epoch = st.epoch;
         st.generations[slot] = st.generations[slot].wrapping_add(1);
         let generation = st.generations[slot];
         let is_async = pending.is_some();
         // CAST: at most half a ring of parts.
         let nparts = cuts.len() as u16;
+        // An async request enters the table without its kiocb: aio's cancel hook must be armed
+        // first, outside our lock (aio's lock nests outside ours), while nobody else can reach
+        // the kiocb.
         st.requests[slot] = Some(Request {
             id,
             generation,
@@ -459,72 +496,94 @@ impl AioDev {
             error: None,
             short: false,
             mapping,
-            waiter: match pending {
-                Some(p) => Waiter::Async(p),
-                None => Waiter::Sync(SyncState::Waiting),
+            waiter: if is_async {
+                Waiter::Gone
+            } else {
+                Waiter::Sync(SyncState::Waiting)
             },
             started: Instant::now(),
             cancel_requested: false,
         });
         drop(st);
-
-        // aio's cancel hook takes aio's lock, which nests outside ours: arm it unlocked, and
-        // before the request can complete.
-        if is_async {
-            let st = q.state.lock();
-            if let Some(Some(Request { waiter: Waiter::Async(p), .. })) = st.requests.get(slot) {
-                let c = cookie(q.index, slot, generation);
-                let p: *const PendingIocb = p;
-                drop(st);
-                // SAFETY: the request is not published yet, so nothing but a cancel (which only
-                // sets a flag) can touch it; the PendingIocb stays where it is until then.
-                unsafe { (*p).arm_cancel(c, aio_cancel) };
-            }
+        if let Some(p) = pending.as_ref() {
+            p.arm_cancel(cookie(q.index, slot, generation), aio_cancel);
         }
 
-        // Publish every part.
+        // Publish every part, unless a reset (or unbind) came in between: it already failed
+        // this request (and took back its descriptors by resetting the ring).
         let mut st = q.state.lock();
-        let QueueState { ring, parts, requests, chain, .. } = &mut *st;
-        let Some(ring) = ring.as_mut() else {
-            return Err(ENODEV);
-        };
-        let mut kick = false;
-        let mut offset = start;
-        for &(first, n, bytes) in cuts.iter() {
-            if ring.alloc_chain(n + 2, chain).is_err() {
-                // Cannot happen: the room was reserved above under the same lock discipline.
-                pr_err!("req {}: ring space vanished\n", id);
-                break;
-            }
-            let head = chain[0];
-            let header = abi::RequestHeader {
-                op,
-                flags: 0,
-                id,
-                offset: if iter.is_some() { offset } else { 0 },
-                // CAST: bytes <= max_transfer, a u32.
-                length: bytes as u32,
-                reserved: 0,
-            };
-            let haddr = ring.put_header(head, &header);
-            ring.set_desc(chain, 0, haddr, core::mem::size_of::<abi::RequestHeader>() as u32, false);
-            if let Some(Some(req)) = requests.get(slot) {
-                if let Some(m) = req.mapping.as_ref() {
-                    for (k, s) in m.segments()[first..first + n].iter().enumerate() {
-                        ring.set_desc(chain, k + 1, s.addr, s.len, op != abi::op::WRITE);
-                    }
+        let same_epoch = st.epoch == epoch;
+        if let Some(p) = pending {
+            match st.requests.get_mut(slot).and_then(Option::as_mut) {
+                Some(r) if same_epoch => r.waiter = Waiter::Async(p),
+                _ => {
+                    // A reset failed the request before it reached the device.
+                    drop(st);
+                    p.disown();
+                    return Err(EIO);
                 }
             }
-            let status_addr = ring.status_addr(head);
-            ring.set_desc(chain, n + 1, status_addr, 1, true);
-            // CAST: slot < ring size.
-            parts[usize::from(head)] = Some(Part { request: slot as u16, len: bytes, op });
-            kick |= ring.publish(head);
-            offset += bytes as u64;
+        }
+        let QueueState {
+            ring,
+            parts,
+            requests,
+            ..
+        } = &mut *st;
+        let mut kick = false;
+        if let (Some(ring), true) = (ring.as_mut(), same_epoch) {
+            let mut kick_parts = false;
+            let mut offset = start;
+            let mut next_desc = 0;
+            for &(first, n, bytes) in cuts.iter() {
+                let chain = &descs[next_desc..next_desc + n + 2];
+                next_desc += n + 2;
+                let head = chain[0];
+                let header = abi::RequestHeader {
+                    op,
+                    flags: 0,
+                    id,
+                    offset: if iter.is_some() { offset } else { 0 },
+                    // CAST: bytes <= max_transfer, a u32.
+                    length: bytes as u32,
+                    reserved: 0,
+                };
+                let haddr = ring.put_header(head, &header);
+                ring.set_desc(
+                    chain,
+                    0,
+                    haddr,
+                    core::mem::size_of::<abi::RequestHeader>() as u32,
+                    false,
+                );
+                if let Some(Some(req)) = requests.get(slot) {
+                    if let Some(m) = req.mapping.as_ref() {
+                        for (k, s) in m.segments()[first..first + n].iter().enumerate() {
+                            ring.set_desc(chain, k + 1, s.addr, s.len, op != abi::op::WRITE);
+                        }
+                    }
+                }
+                let status_addr = ring.status_addr(head);
+                ring.set_desc(chain, n + 1, status_addr, 1, true);
+                // CAST: slot < ring size.
+                parts[usize::from(head)] = Some(Part {
+                    request: slot as u16,
+                    len: bytes,
+                    op,
+                });
+                kick_parts |= ring.publish(head);
+                offset += bytes as u64;
+            }
+            kick = kick_parts;
         }
         kdebug!(
             "req {}: queued on q{} op {} len {} pos {} in {} part(s)\n",
-            id, q.index, op, len, pos, cuts.len()
+            id,
+            q.index,
+            op,
+            len,
+            pos,
+            cuts.len()
         );
         self.stats.submitted.fetch_add(1, Relaxed);
         drop(st);
@@ -602,23 +661,40 @@ impl AioDev {
         match core::mem::replace(&mut req.waiter, Waiter::Gone) {
             Waiter::Async(p) => {
                 st.requests[slot] = None;
-                Some(Finished { mapping, pending: Some(p), result, id })
+                Some(Finished {
+                    mapping,
+                    pending: Some(p),
+                    result,
+                    id,
+                })
             }
             Waiter::Sync(_) => {
                 // Released outside the lock, then marked done for the waiter.
                 req.waiter = Waiter::Sync(SyncState::Done(result));
-                Some(Finished { mapping, pending: None, result, id })
+                Some(Finished {
+                    mapping,
+                    pending: None,
+                    result,
+                    id,
+                })
             }
             Waiter::Gone => {
                 st.requests[slot] = None;
-                Some(Finished { mapping, pending: None, result, id })
+                Some(Finished {
+                    mapping,
+                    pending: None,
+                    result,
+                    id,
+                })
             }
         }
     }
 
     /// Handle completions on queue `index` (threaded interrupt context: may sleep).
     pub(crate) fn complete_queue(&self, index: usize) {
-        let Some(q) = self.queues.get(index) else { return };
+        let Some(q) = self.queues.get(index) else {
+            return;
+        };
         loop {
             let mut batch: [Option<Finished>; 16] = Default::default();
             let mut n = 0;
@@ -659,7 +735,9 @@ impl AioDev {
         let queue = (cookie >> 16) & 0xffff;
         let slot = cookie & 0xffff;
         let generation = (cookie >> 32) as u32;
-        let Some(q) = self.queues.get(queue) else { return false };
+        let Some(q) = self.queues.get(queue) else {
+            return false;
+        };
         let mut st = q.state.lock();
         match st.requests.get_mut(slot).and_then(Option::as_mut) {
             Some(r) if r.generation == generation && matches!(r.waiter, Waiter::Async(_)) => {
@@ -706,7 +784,11 @@ impl AioDev {
             && unsafe { self.bar_sleepable() }
                 .is_some_and(|bar| hw::status(bar) & abi::status::NEEDS_RESET != 0);
         if expired || needs_reset {
-            self.reset(if expired { "request timeout" } else { "device NEEDS_RESET" });
+            self.reset(if expired {
+                "request timeout"
+            } else {
+                "device NEEDS_RESET"
+            });
         }
     }
 
@@ -726,11 +808,14 @@ impl AioDev {
                     if let Some(ring) = st.ring.as_mut() {
                         ring.reset();
                     }
+                    st.epoch = st.epoch.wrapping_add(1);
                     for slot in 0..st.requests.len() {
                         if n == batch.len() {
                             break;
                         }
-                        let Some(r) = st.requests[slot].as_mut() else { continue };
+                        let Some(r) = st.requests[slot].as_mut() else {
+                            continue;
+                        };
                         if matches!(r.waiter, Waiter::Sync(SyncState::Done(_))) {
                             continue;
                         }
@@ -741,15 +826,30 @@ impl AioDev {
                         let f = match core::mem::replace(&mut r.waiter, Waiter::Gone) {
                             Waiter::Async(p) => {
                                 st.requests[slot] = None;
-                                Finished { mapping, pending: Some(p), result, id }
+                                Finished {
+                                    mapping,
+                                    pending: Some(p),
+                                    result,
+                                    id,
+                                }
                             }
                             Waiter::Sync(_) => {
                                 r.waiter = Waiter::Sync(SyncState::Done(result));
-                                Finished { mapping, pending: None, result, id }
+                                Finished {
+                                    mapping,
+                                    pending: None,
+                                    result,
+                                    id,
+                                }
                             }
                             Waiter::Gone => {
                                 st.requests[slot] = None;
-                                Finished { mapping, pending: None, result, id }
+                                Finished {
+                                    mapping,
+                                    pending: None,
+                                    result,
+                                    id,
+                                }
                             }
                         };
                         if late {
@@ -777,9 +877,14 @@ impl AioDev {
     fn reset(&self, why: &str) {
         self.resetting.store(true, Release);
         // SAFETY: only the watchdog resets the device.
-        let Some(bar) = (unsafe { self.bar_sleepable() }) else { return };
+        let Some(bar) = (unsafe { self.bar_sleepable() }) else {
+            return;
+        };
         if hw::reset(bar).is_err() {
-            pr_err!("device did not complete its reset ({}); giving up on it\n", why);
+            pr_err!(
+                "device did not complete its reset ({}); giving up on it\n",
+                why
+            );
             self.dead.store(true, Release);
         }
         let failed = self.fail_all(ETIMEDOUT.to_errno() as isize, EIO.to_errno() as isize);
@@ -812,7 +917,17 @@ impl AioDev {
             };
             // CAST: at most MAX_QUEUES queues.
             let index = i as u16;
-            hw::setup_queue(bar, index, &hw::QueueAddrs { size, desc, driver, device, vector: index })?;
+            hw::setup_queue(
+                bar,
+                index,
+                &hw::QueueAddrs {
+                    size,
+                    desc,
+                    driver,
+                    device,
+                    vector: index,
+                },
+            )?;
         }
         hw::set_status(bar, abi::status::DRIVER_OK);
         Ok(())
@@ -827,7 +942,9 @@ impl AioDev {
         // as long as `self`.
         unsafe {
             bindings::flush_delayed_work(
-                core::ptr::from_ref(&self.watchdog).cast::<bindings::delayed_work>().cast_mut(),
+                core::ptr::from_ref(&self.watchdog)
+                    .cast::<bindings::delayed_work>()
+                    .cast_mut(),
             )
         };
         // SAFETY: this is `shutdown`, called from unbind.
@@ -855,7 +972,8 @@ impl WorkItem for AioDev {
         }
         this.watchdog_tick();
         if !this.dead.load(Acquire) {
-            let _ = workqueue::system().enqueue_delayed(this, msecs_to_jiffies(WATCHDOG_MS));
+            let _ =
+                workqueue::system_unbound().enqueue_delayed(this, msecs_to_jiffies(WATCHDOG_MS));
         }
     }
 }

@@ -4,4 +4,9 @@
 pub mod abi;
 
 pub mod aio;
+pub mod bench;
+pub mod cancel;
+pub mod edge;
 pub mod port;
+pub mod suite;
+pub mod util;

@@ -1,27 +1,92 @@
-//! `aiodma-aio`: exercise `/dev/aiodma0`'s AIO paths from guest userspace.
-//!
-//! ```text
-//! aiodma-aio info [--dev PATH]
-//! aiodma-aio verify [--dev PATH] [--engine sync|libaio|uring] [--qd N] [--requests N]
-//!                   [--seed N] [--unaligned] [--vectored] [--direct] [--base BYTES] [--span BYTES]
-//! ```
-//! `verify` writes seeded patterns into non-overlapping random ranges with the chosen engine at
-//! the chosen queue depth, reads everything back with the same engine and compares; it prints one
-//! summary line and exits non-zero on any mismatch or unexpected errno.
+//! `aiodma-aio`: exercise `/dev/aiodma0`'s AIO paths from guest userspace. `aiodma-aio help`
+//! lists the subcommands; bad usage exits with 2, a failed check with 1.
 
-use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use aiodma_guest_tools::abi;
 use aiodma_guest_tools::aio;
+use aiodma_guest_tools::bench::{self, BenchOpts, Engine, Pattern, Row, Stop};
+use aiodma_guest_tools::cancel::{self, CancelOpts};
+use aiodma_guest_tools::edge::{self, EdgeOpts};
+use aiodma_guest_tools::suite::{self, SuiteOpts};
+use aiodma_guest_tools::util::{device_info, open_dev, parse_secs, parse_size, pattern, Rng};
+
+const USAGE: &str = "\
+usage: aiodma-aio COMMAND [--dev PATH] [options]   (PATH defaults to /dev/aiodma0)
+  info                      the driver's INFO ioctl
+  verify [--engine sync|libaio|uring] [--qd N] [--requests N] [--seed N] [--unaligned]
+         [--vectored] [--direct] [--base BYTES] [--span BYTES] [--write-only|--read-only]
+                            write seeded patterns, read them back and compare; --write-only
+                            and --read-only split the two phases (e.g. across boots)
+  edge [--expect-eagain]    the file-semantics contract, one PASS/FAIL line per check;
+                            --expect-eagain also needs EAGAIN from RWF_NOWAIT while the queue is
+                            saturated (run under a delay fault)
+  cancel [--requests N] [--bs BYTES] [--timeout SECS] [--settle SECS] [--base BYTES]
+                            io_cancel, io_uring cancel, exit, close and io_destroy with requests
+                            in flight (run under a delay fault); fails on hang/lost/duplicate
+  bench [--engine E] [--bs BYTES] [--qd N] [--rw read|write|randread|randwrite|rw|randrw]
+        [--time SECS | --requests N] [--seed N] [--span BYTES] [--buffered] [--json] [--header]
+                            IOPS, MB/s and submit-to-complete latency p50/p99/p99.9 (us);
+                            sync runs at QD1; --header prints the table header (alone: only it)
+  bench-suite [--time SECS] [--label TEXT] [--no-header] [--no-fio] [--fio-dir DIR] [--json]
+                            sync QD1 vs libaio/uring QD1/8/32, 4 KiB randread/randwrite, then
+                            the fio equivalents (fio layer), then the speed-ups
+";
+
+/// Bad usage: exit code 2.
+struct Usage(String);
+
+/// Walks the options of one subcommand.
+struct Args<'a> {
+    it: std::slice::Iter<'a, String>,
+    cmd: &'a str,
+}
+
+impl<'a> Args<'a> {
+    fn next(&mut self) -> Option<&'a str> {
+        self.it.next().map(String::as_str)
+    }
+    fn value(&mut self, flag: &str) -> Result<&'a str, Usage> {
+        self.next()
+            .ok_or_else(|| Usage(format!("{} {flag} needs a value", self.cmd)))
+    }
+    fn num<T: std::str::FromStr>(&mut self, flag: &str) -> Result<T, Usage> {
+        let v = self.value(flag)?;
+        v.parse()
+            .map_err(|_| Usage(format!("{} {flag}: bad number '{v}'", self.cmd)))
+    }
+    fn size(&mut self, flag: &str) -> Result<u64, Usage> {
+        let v = self.value(flag)?;
+        parse_size(v).ok_or_else(|| {
+            Usage(format!(
+                "{} {flag}: bad size '{v}' (bytes, or with k/m/g)",
+                self.cmd
+            ))
+        })
+    }
+    fn secs(&mut self, flag: &str) -> Result<Duration, Usage> {
+        let v = self.value(flag)?;
+        parse_secs(v).ok_or_else(|| {
+            Usage(format!(
+                "{} {flag}: bad duration '{v}' (seconds > 0)",
+                self.cmd
+            ))
+        })
+    }
+    fn unknown(&self, flag: &str) -> Usage {
+        Usage(format!(
+            "{}: unknown option '{flag}' (aiodma-aio help)",
+            self.cmd
+        ))
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Engine {
-    Sync,
-    Libaio,
-    Uring,
+enum Phase {
+    Both,
+    WriteOnly,
+    ReadOnly,
 }
 
 #[derive(Debug)]
@@ -36,14 +101,10 @@ struct Opts {
     direct: bool,
     base: u64,
     span: Option<u64>,
+    phase: Phase,
 }
 
-fn parse(args: &[String]) -> Result<(String, Opts), String> {
-    let mut it = args.iter();
-    let cmd = it
-        .next()
-        .cloned()
-        .ok_or("usage: aiodma-aio info|verify [options]")?;
+fn parse_verify(a: &mut Args) -> Result<Opts, Usage> {
     let mut o = Opts {
         dev: "/dev/aiodma0".into(),
         engine: Engine::Libaio,
@@ -55,73 +116,182 @@ fn parse(args: &[String]) -> Result<(String, Opts), String> {
         direct: false,
         base: 0,
         span: None,
+        phase: Phase::Both,
     };
-    while let Some(a) = it.next() {
-        let mut val = |name: &str| it.next().cloned().ok_or(format!("{name} needs a value"));
-        match a.as_str() {
-            "--dev" => o.dev = val("--dev")?,
-            "--engine" => {
-                o.engine = match val("--engine")?.as_str() {
-                    "sync" => Engine::Sync,
-                    "libaio" => Engine::Libaio,
-                    "uring" => Engine::Uring,
-                    other => return Err(format!("unknown engine '{other}' (sync|libaio|uring)")),
-                }
-            }
-            "--qd" => o.qd = val("--qd")?.parse().map_err(|_| "bad --qd")?,
-            "--requests" => {
-                o.requests = val("--requests")?.parse().map_err(|_| "bad --requests")?
-            }
-            "--seed" => o.seed = val("--seed")?.parse().map_err(|_| "bad --seed")?,
-            "--base" => o.base = val("--base")?.parse().map_err(|_| "bad --base")?,
-            "--span" => o.span = Some(val("--span")?.parse().map_err(|_| "bad --span")?),
+    while let Some(f) = a.next() {
+        match f {
+            "--dev" => o.dev = a.value(f)?.into(),
+            "--engine" => o.engine = Engine::parse(a.value(f)?).map_err(Usage)?,
+            "--qd" => o.qd = a.num(f)?,
+            "--requests" => o.requests = a.num(f)?,
+            "--seed" => o.seed = a.num(f)?,
+            "--base" => o.base = a.size(f)?,
+            "--span" => o.span = Some(a.size(f)?),
             "--unaligned" => o.unaligned = true,
             "--vectored" => o.vectored = true,
             "--direct" => o.direct = true,
-            other => return Err(format!("unknown option '{other}'")),
+            "--write-only" => o.phase = Phase::WriteOnly,
+            "--read-only" => o.phase = Phase::ReadOnly,
+            other => return Err(a.unknown(other)),
         }
     }
     if o.qd == 0 || o.requests == 0 {
-        return Err("--qd and --requests must be at least 1".into());
+        return Err(Usage(
+            "verify: --qd and --requests must be at least 1".into(),
+        ));
     }
-    Ok((cmd, o))
+    Ok(o)
 }
 
-/// SplitMix64: a tiny deterministic PRNG.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
+fn parse_dev_only(a: &mut Args) -> Result<String, Usage> {
+    let mut dev = "/dev/aiodma0".to_string();
+    while let Some(f) = a.next() {
+        match f {
+            "--dev" => dev = a.value(f)?.into(),
+            other => return Err(a.unknown(other)),
         }
     }
+    Ok(dev)
 }
 
-/// The byte that position `pos` holds for `seed`.
-fn pattern(seed: u64, pos: u64) -> u8 {
-    let mut z = pos.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed;
-    z ^= z >> 29;
-    (z.wrapping_mul(0xbf58_476d_1ce4_e5b9) >> 56) as u8
-}
-
-fn info(fd: i32) -> Result<abi::DeviceInfo, String> {
-    let mut info = abi::DeviceInfo::default();
-    // SAFETY: INFO writes exactly one DeviceInfo into the pointed-to value.
-    let rc = unsafe { libc::ioctl(fd, abi::ioctl::INFO as _, &mut info as *mut abi::DeviceInfo) };
-    if rc != 0 {
-        return Err(format!("INFO ioctl: {}", std::io::Error::last_os_error()));
+fn parse_edge(a: &mut Args) -> Result<EdgeOpts, Usage> {
+    let mut o = EdgeOpts {
+        dev: "/dev/aiodma0".into(),
+        expect_eagain: false,
+    };
+    while let Some(f) = a.next() {
+        match f {
+            "--dev" => o.dev = a.value(f)?.into(),
+            "--expect-eagain" => o.expect_eagain = true,
+            other => return Err(a.unknown(other)),
+        }
     }
-    Ok(info)
+    Ok(o)
+}
+
+fn parse_cancel(a: &mut Args) -> Result<CancelOpts, Usage> {
+    let mut o = CancelOpts {
+        dev: "/dev/aiodma0".into(),
+        requests: 16,
+        bs: 16384,
+        timeout: Duration::from_secs(20),
+        settle: Duration::from_millis(500),
+        base: 16 << 20,
+    };
+    while let Some(f) = a.next() {
+        match f {
+            "--dev" => o.dev = a.value(f)?.into(),
+            "--requests" => o.requests = a.num(f)?,
+            "--bs" => o.bs = a.size(f)? as usize,
+            "--timeout" => o.timeout = a.secs(f)?,
+            "--settle" => o.settle = a.secs(f)?,
+            "--base" => o.base = a.size(f)?,
+            other => return Err(a.unknown(other)),
+        }
+    }
+    if o.requests == 0 || o.requests > 255 || o.bs == 0 {
+        return Err(Usage(
+            "cancel: --requests must be 1..=255 and --bs at least 1".into(),
+        ));
+    }
+    Ok(o)
+}
+
+/// `bench` options plus the output switches.
+struct BenchCmd {
+    o: BenchOpts,
+    json: bool,
+    header: bool,
+    /// Only `--header` was given: print it and stop.
+    header_only: bool,
+}
+
+fn parse_bench(a: &mut Args) -> Result<BenchCmd, Usage> {
+    let mut o = BenchOpts {
+        dev: "/dev/aiodma0".into(),
+        engine: Engine::Libaio,
+        bs: 4096,
+        qd: 1,
+        rw: Pattern::RandRead,
+        stop: Stop::Time(Duration::from_secs(5)),
+        direct: true,
+        seed: 1,
+        span: None,
+    };
+    let (mut json, mut header, mut any) = (false, false, false);
+    let (mut time, mut requests) = (None, None);
+    while let Some(f) = a.next() {
+        if f != "--header" {
+            any = true;
+        }
+        match f {
+            "--dev" => o.dev = a.value(f)?.into(),
+            "--engine" => o.engine = Engine::parse(a.value(f)?).map_err(Usage)?,
+            "--bs" => o.bs = a.size(f)? as usize,
+            "--qd" => o.qd = a.num(f)?,
+            "--rw" => o.rw = Pattern::parse(a.value(f)?).map_err(Usage)?,
+            "--time" => time = Some(a.secs(f)?),
+            "--requests" => requests = Some(a.num::<u64>(f)?),
+            "--seed" => o.seed = a.num(f)?,
+            "--span" => o.span = Some(a.size(f)?),
+            "--buffered" => o.direct = false,
+            "--json" => json = true,
+            "--header" => header = true,
+            other => return Err(a.unknown(other)),
+        }
+    }
+    o.stop = match (time, requests) {
+        (Some(_), Some(_)) => {
+            return Err(Usage(
+                "bench: --time and --requests exclude each other".into(),
+            ))
+        }
+        (Some(t), None) => Stop::Time(t),
+        (None, Some(0)) => return Err(Usage("bench: --requests must be at least 1".into())),
+        (None, Some(n)) => Stop::Requests(n),
+        (None, None) => o.stop,
+    };
+    if o.bs == 0 || o.bs > 64 << 20 || o.qd == 0 || o.qd > 4096 {
+        return Err(Usage(
+            "bench: --bs must be 1..=64M and --qd 1..=4096".into(),
+        ));
+    }
+    if o.direct && !o.bs.is_multiple_of(512) {
+        return Err(Usage(
+            "bench: O_DIRECT needs --bs in multiples of 512 (or --buffered)".into(),
+        ));
+    }
+    Ok(BenchCmd {
+        o,
+        json,
+        header,
+        header_only: header && !any,
+    })
+}
+
+fn parse_suite(a: &mut Args) -> Result<SuiteOpts, Usage> {
+    let mut o = SuiteOpts {
+        dev: "/dev/aiodma0".into(),
+        time: Duration::from_secs(2),
+        label: "none".into(),
+        header: true,
+        fio: true,
+        fio_dir: "/etc/fio".into(),
+        json: false,
+    };
+    while let Some(f) = a.next() {
+        match f {
+            "--dev" => o.dev = a.value(f)?.into(),
+            "--time" => o.time = a.secs(f)?,
+            "--label" => o.label = a.value(f)?.into(),
+            "--no-header" => o.header = false,
+            "--no-fio" => o.fio = false,
+            "--fio-dir" => o.fio_dir = a.value(f)?.into(),
+            "--json" => o.json = true,
+            other => return Err(a.unknown(other)),
+        }
+    }
+    Ok(o)
 }
 
 /// A buffer whose data starts `misalign` bytes after a 4 KiB boundary.
@@ -325,18 +495,9 @@ fn run_jobs(fd: i32, o: &Opts, jobs: &mut [Job], write: bool) -> Result<(), Stri
 }
 
 fn verify(o: &Opts) -> Result<String, String> {
-    let mut flags = 0;
-    if o.direct {
-        flags |= libc::O_DIRECT;
-    }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(flags)
-        .open(&o.dev)
-        .map_err(|e| format!("open {}: {e}", o.dev))?;
+    let file = open_dev(&o.dev, if o.direct { libc::O_DIRECT } else { 0 })?;
     let fd = file.as_raw_fd();
-    let capacity = info(fd)?.capacity;
+    let capacity = device_info(fd)?.capacity;
     if o.base >= capacity {
         return Err(format!("--base {} is past the capacity {capacity}", o.base));
     }
@@ -371,15 +532,22 @@ fn verify(o: &Opts) -> Result<String, String> {
         })
         .collect();
     let started = std::time::Instant::now();
-    run_jobs(fd, o, &mut jobs, true)?;
-    for j in &mut jobs {
-        j.buf.bytes_mut().fill(0);
+    if o.phase != Phase::ReadOnly {
+        run_jobs(fd, o, &mut jobs, true)?;
     }
-    run_jobs(fd, o, &mut jobs, false)?;
+    if o.phase != Phase::WriteOnly {
+        for j in &mut jobs {
+            j.buf.bytes_mut().fill(0);
+        }
+        run_jobs(fd, o, &mut jobs, false)?;
+    }
     let elapsed = started.elapsed();
     let mut bytes = 0u64;
     for (i, j) in jobs.iter().enumerate() {
         bytes += j.buf.len as u64;
+        if o.phase == Phase::WriteOnly {
+            continue;
+        }
         if let Some(k) = j
             .buf
             .bytes()
@@ -394,38 +562,76 @@ fn verify(o: &Opts) -> Result<String, String> {
             ));
         }
     }
+    let phase = match o.phase {
+        Phase::Both => "",
+        Phase::WriteOnly => " phase=write-only",
+        Phase::ReadOnly => " phase=read-only",
+    };
     Ok(format!(
-        "verify: engine={:?} qd={} requests={} bytes={} unaligned={} vectored={} direct={} time={:.1}ms: OK",
+        "verify: engine={:?} qd={} requests={} bytes={} unaligned={} vectored={} direct={}{phase} time={:.1}ms: OK",
         o.engine, o.qd, o.requests, bytes, o.unaligned, o.vectored, o.direct, elapsed.as_secs_f64() * 1000.0
     ).to_lowercase())
 }
 
+/// What a subcommand produced: a line to print on success, or whether its own report passed.
+enum Done {
+    Line(String),
+    Passed(bool),
+}
+
+fn dispatch(args: &[String]) -> Result<Result<Done, String>, Usage> {
+    let Some(cmd) = args.first() else {
+        return Err(Usage("no command (aiodma-aio help)".into()));
+    };
+    let mut a = Args {
+        it: args[1..].iter(),
+        cmd,
+    };
+    Ok(match cmd.as_str() {
+        "help" | "--help" | "-h" => Ok(Done::Line(USAGE.trim_end().into())),
+        "info" => {
+            let dev = parse_dev_only(&mut a)?;
+            std::fs::File::open(&dev)
+                .map_err(|e| format!("open {dev}: {e}"))
+                .and_then(|f| device_info(f.as_raw_fd()))
+                .map(|i| Done::Line(format!("{i:#?}")))
+        }
+        "verify" => verify(&parse_verify(&mut a)?).map(Done::Line),
+        "edge" => edge::run(&parse_edge(&mut a)?).map(Done::Passed),
+        "cancel" => cancel::run(&parse_cancel(&mut a)?).map(Done::Passed),
+        "bench" => {
+            let b = parse_bench(&mut a)?;
+            if b.header && !b.json {
+                println!("{}", Row::header(false));
+            }
+            if b.header_only {
+                return Ok(Ok(Done::Passed(true)));
+            }
+            bench::run(&b.o).map(|r| Done::Line(if b.json { r.json(None) } else { r.line(None) }))
+        }
+        "bench-suite" => suite::run(&parse_suite(&mut a)?).map(|()| Done::Passed(true)),
+        other => {
+            return Err(Usage(format!(
+                "unknown command '{other}' (info|verify|edge|cancel|bench|bench-suite|help)"
+            )))
+        }
+    })
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (cmd, o) = match parse(&args) {
-        Ok(v) => v,
-        Err(e) => {
+    match dispatch(&args) {
+        Err(Usage(e)) => {
             eprintln!("aiodma-aio: {e}");
-            return ExitCode::from(2);
+            ExitCode::from(2)
         }
-    };
-    let result = match cmd.as_str() {
-        "info" => std::fs::File::open(&o.dev)
-            .map_err(|e| format!("open {}: {e}", o.dev))
-            .and_then(|f| info(f.as_raw_fd()))
-            .map(|i| format!("{i:#?}")),
-        "verify" => verify(&o),
-        other => {
-            eprintln!("aiodma-aio: unknown command '{other}' (info|verify)");
-            return ExitCode::from(2);
-        }
-    };
-    match result {
-        Ok(line) => {
+        Ok(Ok(Done::Line(line))) => {
             println!("{line}");
             ExitCode::SUCCESS
         }
-        Err(e) => {
+        Ok(Ok(Done::Passed(true))) => ExitCode::SUCCESS,
+        Ok(Ok(Done::Passed(false))) => ExitCode::FAILURE,
+        Ok(Err(e)) => {
             eprintln!("aiodma-aio: {e}");
             ExitCode::FAILURE
         }
