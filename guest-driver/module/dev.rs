@@ -54,6 +54,8 @@ enum Waiter {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SyncState {
     Waiting,
+    /// The device finished; the buffers are being released outside the lock.
+    Releasing,
     Done(isize),
 }
 
@@ -180,13 +182,44 @@ fn cookie(queue: u16, slot: usize, generation: u32) -> usize {
 struct Finished {
     mapping: Option<Mapping>,
     pending: Option<PendingIocb>,
+    /// A synchronous request, still in the table as `Releasing`, to mark done afterwards.
+    sync_slot: Option<usize>,
     result: isize,
     id: u64,
 }
 
 impl Finished {
+    /// Take request `slot` apart under the queue lock. Async and abandoned requests leave the
+    /// table; a synchronous one stays (`Releasing`) until its buffers are released.
+    fn take(requests: &mut KVec<Option<Request>>, slot: usize, result: isize) -> Option<Self> {
+        let req = requests.get_mut(slot)?.as_mut()?;
+        let mapping = req.mapping.take();
+        let id = req.id;
+        let (pending, sync_slot) = match core::mem::replace(&mut req.waiter, Waiter::Gone) {
+            Waiter::Async(p) => {
+                requests[slot] = None;
+                (Some(p), None)
+            }
+            Waiter::Sync(_) => {
+                req.waiter = Waiter::Sync(SyncState::Releasing);
+                (None, Some(slot))
+            }
+            Waiter::Gone => {
+                requests[slot] = None;
+                (None, None)
+            }
+        };
+        Some(Finished {
+            mapping,
+            pending,
+            sync_slot,
+            result,
+            id,
+        })
+    }
+
     /// Unmap and unpin first, then tell the waiter.
-    fn finish(self, stats: &Stats) {
+    fn finish(self, q: &Queue, stats: &Stats) {
         drop(self.mapping);
         if let Some(p) = self.pending {
             if self.result < 0 {
@@ -197,6 +230,16 @@ impl Finished {
             stats.async_completions.fetch_add(1, Relaxed);
             kdebug!("req {}: completed, ki_complete({})\n", self.id, self.result);
             p.complete(self.result);
+        }
+        if let Some(slot) = self.sync_slot {
+            let mut st = q.state.lock();
+            if let Some(r) = st.requests.get_mut(slot).and_then(Option::as_mut) {
+                match r.waiter {
+                    // The caller left (fatal signal): nobody collects the result.
+                    Waiter::Gone => st.requests[slot] = None,
+                    _ => r.waiter = Waiter::Sync(SyncState::Done(self.result)),
+                }
+            }
         }
     }
 }
@@ -656,38 +699,7 @@ impl AioDev {
             (None, true) => EIO.to_errno() as isize,
             (None, false) => req.len as isize,
         };
-        let mapping = req.mapping.take();
-        let id = req.id;
-        match core::mem::replace(&mut req.waiter, Waiter::Gone) {
-            Waiter::Async(p) => {
-                st.requests[slot] = None;
-                Some(Finished {
-                    mapping,
-                    pending: Some(p),
-                    result,
-                    id,
-                })
-            }
-            Waiter::Sync(_) => {
-                // Released outside the lock, then marked done for the waiter.
-                req.waiter = Waiter::Sync(SyncState::Done(result));
-                Some(Finished {
-                    mapping,
-                    pending: None,
-                    result,
-                    id,
-                })
-            }
-            Waiter::Gone => {
-                st.requests[slot] = None;
-                Some(Finished {
-                    mapping,
-                    pending: None,
-                    result,
-                    id,
-                })
-            }
-        }
+        Finished::take(&mut st.requests, slot, result)
     }
 
     /// Handle completions on queue `index` (threaded interrupt context: may sleep).
@@ -723,7 +735,7 @@ impl AioDev {
                 return;
             }
             for f in batch.iter_mut().take(n).filter_map(Option::take) {
-                f.finish(&self.stats);
+                f.finish(q, &self.stats);
             }
             q.wait.notify_all();
         }
@@ -816,46 +828,21 @@ impl AioDev {
                         let Some(r) = st.requests[slot].as_mut() else {
                             continue;
                         };
-                        if matches!(r.waiter, Waiter::Sync(SyncState::Done(_))) {
+                        if matches!(
+                            r.waiter,
+                            Waiter::Sync(SyncState::Done(_) | SyncState::Releasing)
+                        ) {
                             continue;
                         }
                         let late = r.started.elapsed().as_millis() > i64::from(self.timeout_ms);
                         let result = if late { timed_out_res } else { other_res };
-                        let mapping = r.mapping.take();
-                        let id = r.id;
-                        let f = match core::mem::replace(&mut r.waiter, Waiter::Gone) {
-                            Waiter::Async(p) => {
-                                st.requests[slot] = None;
-                                Finished {
-                                    mapping,
-                                    pending: Some(p),
-                                    result,
-                                    id,
-                                }
-                            }
-                            Waiter::Sync(_) => {
-                                r.waiter = Waiter::Sync(SyncState::Done(result));
-                                Finished {
-                                    mapping,
-                                    pending: None,
-                                    result,
-                                    id,
-                                }
-                            }
-                            Waiter::Gone => {
-                                st.requests[slot] = None;
-                                Finished {
-                                    mapping,
-                                    pending: None,
-                                    result,
-                                    id,
-                                }
-                            }
-                        };
                         if late {
                             self.stats.timeouts.fetch_add(1, Relaxed);
-                            kdebug!("req {}: timed out\n", id);
+                            kdebug!("req {}: timed out\n", r.id);
                         }
+                        let Some(f) = Finished::take(&mut st.requests, slot, result) else {
+                            continue;
+                        };
                         batch[n] = Some(f);
                         n += 1;
                     }
@@ -865,7 +852,7 @@ impl AioDev {
                 }
                 failed += n;
                 for f in batch.iter_mut().take(n).filter_map(Option::take) {
-                    f.finish(&self.stats);
+                    f.finish(q, &self.stats);
                 }
                 q.wait.notify_all();
             }
