@@ -139,3 +139,36 @@ fn hung_device_is_reset_and_recovers() {
     out.assert_stdout_contains("verify: engine=uring qd=1 requests=2");
     assert!(stat(&out.stdout, "resets") >= 1, "{}", out.report());
 }
+
+#[test]
+fn kiocb_transitions_are_logged_through_dynamic_debug() {
+    // Off by default; `aiodma.dyndbg=+p` (forwarded by /init to insmod) turns the module's
+    // dynamic-debug sites on, and every kiocb transition shows up in the kernel log. (The
+    // brackets keep the patterns from matching the command line, which dmesg shows too.)
+    let script = "aiodma-aio verify --engine libaio --qd 4 --requests 4 --seed 2 >/dev/null; \
+                  dmesg | grep -c 'returning -EIOCBQUEUE[D]'; dmesg | grep -c 'ki_complet[e]('";
+    let quiet = Guest::new().sh(script);
+    quiet.assert_code(1); // grep -c printed 0 and failed
+    let on = Guest::new()
+        .flag("--append")
+        .flag("aiodma.dyndbg=+p")
+        .sh(script);
+    on.assert_code(0);
+    let counts: Vec<u64> = on
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert_eq!(counts.len(), 2, "{}", on.report());
+    assert!(
+        counts.iter().all(|&c| c >= 8),
+        "8 async requests, each queued and completed\n{}",
+        on.report()
+    );
+    let off_counts: Vec<u64> = quiet
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert_eq!(off_counts, vec![0, 0], "{}", quiet.report());
+}

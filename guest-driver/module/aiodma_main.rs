@@ -7,7 +7,7 @@
 //! `-EIOCBQUEUED`, and the queue's interrupt thread calls `ki_complete`. User buffers are pinned
 //! and handed to the device by DMA address (zero copy).
 //!
-//! Module map: `hw` registers, `ring` virtqueues, `mapping` pinned DMA buffers, `iocb` the kiocb
+//! Module map (crate root `aiodma_main.rs`; `kdebug.c` holds the dynamic-debug sites): `hw` registers, `ring` virtqueues, `mapping` pinned DMA buffers, `iocb` the kiocb
 //! shim, `dev` submission/completion, `chardev` the file operations.
 
 use kernel::{
@@ -16,6 +16,7 @@ use kernel::{
     irq::{self, IrqReturn},
     pci,
     prelude::*,
+    str::CString,
     sync::Arc,
 };
 
@@ -31,14 +32,34 @@ mod iocb;
 mod mapping;
 mod ring;
 
-/// Debug output for kiocb state transitions, switched by the `debug` module parameter
-/// (`insmod aiodma.ko debug=1`; `/init` forwards `aiodma.debug=1` from the kernel command line).
-/// The kernel's Rust `pr_debug!` is compiled out without CONFIG_RUST_DEBUG_ASSERTIONS and has no
-/// dynamic-debug support, hence this switch.
+extern "C" {
+    // kdebug.c: the module's dynamic-debug sites.
+    fn aiodma_kdebug_enabled() -> bool;
+    fn aiodma_kdebug(msg: *const u8);
+}
+
+/// Whether the kiocb state-transition log is on (dynamic debug: `module aiodma +p`).
+pub(crate) fn kdebug_enabled() -> bool {
+    // SAFETY: a plain C function without arguments.
+    unsafe { aiodma_kdebug_enabled() }
+}
+
+/// Log one kiocb state transition through the dynamic-debug site.
+pub(crate) fn kdebug_args(args: core::fmt::Arguments<'_>) {
+    if let Ok(msg) = CString::try_from_fmt(args) {
+        // SAFETY: `msg` is a NUL-terminated string that outlives the call.
+        unsafe { aiodma_kdebug(msg.as_char_ptr()) };
+    }
+}
+
+/// `pr_debug!` for kiocb state transitions, controlled by dynamic debug
+/// (`echo 'module aiodma +p' > /proc/dynamic_debug/control`, or `aiodma.dyndbg=+p`). The
+/// kernel's Rust `pr_debug!` is compiled out without CONFIG_RUST_DEBUG_ASSERTIONS and has no
+/// dynamic-debug descriptor, so the sites live in kdebug.c; nothing is formatted while off.
 macro_rules! kdebug {
     ($($arg:tt)*) => {
-        if crate::module_parameters::debug.value() {
-            kernel::pr_info!($($arg)*);
+        if crate::kdebug_enabled() {
+            crate::kdebug_args(format_args!($($arg)*));
         }
     };
 }
@@ -246,10 +267,6 @@ kernel::module_pci_driver! {
     description: "Asynchronous I/O driver for the aiodma PCI DMA device",
     license: "GPL",
     params: {
-        debug: bool {
-            default: false,
-            description: "Log every kiocb state transition (submitted, queued, completed)",
-        },
         timeout_ms: u32 {
             default: 10000,
             description: "Per-request timeout in ms: then the device is reset and the request fails with -ETIMEDOUT",

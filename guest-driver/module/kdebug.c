@@ -1,0 +1,33 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Dynamic-debug sites for the Rust driver. Linux 7.3's Rust pr_debug!() is compiled out
+ * without CONFIG_RUST_DEBUG_ASSERTIONS and has no dynamic-debug descriptor, so the kiocb
+ * state-transition log goes through these two C sites instead:
+ *
+ *   echo 'module aiodma +p' > /proc/dynamic_debug/control
+ *
+ * (or `aiodma.dyndbg=+p` on the kernel command line; /init forwards it to insmod).
+ */
+#include <linux/dynamic_debug.h>
+#include <linux/printk.h>
+#include <linux/types.h>
+
+bool aiodma_kdebug_enabled(void);
+void aiodma_kdebug(const char *msg);
+
+/* Whether the kiocb log is on: lets the Rust side skip formatting when it is off. */
+bool aiodma_kdebug_enabled(void)
+{
+	DEFINE_DYNAMIC_DEBUG_METADATA(site, "aiodma: kiocb state transitions enabled\n");
+
+	return DYNAMIC_DEBUG_BRANCH(site);
+}
+
+/* One kiocb state transition, already formatted by the Rust side. */
+void aiodma_kdebug(const char *msg)
+{
+	DEFINE_DYNAMIC_DEBUG_METADATA(site, "aiodma: %s");
+
+	if (DYNAMIC_DEBUG_BRANCH(site))
+		__dynamic_pr_debug(&site, "aiodma: %s", msg);
+}
