@@ -620,10 +620,6 @@ fn device_config_bytes(cfg: &abi::DeviceConfig) -> [u8; abi::config::LEN as usiz
 }
 
 impl PciFunction for Transport {
-    fn config_read(&mut self, offset: u64, data: &mut [u8]) {
-        self.config.read(offset, data);
-    }
-
     fn config_write(&mut self, offset: u64, data: &[u8]) {
         self.config.write(offset, data);
         let control = self.msix_cap + msix::CAP_CONTROL;

@@ -112,9 +112,14 @@ pub struct BarRegion {
 /// offset or width.
 pub trait PciFunction: Send {
     /// Configuration read of `data.len()` bytes at `offset`.
-    fn config_read(&mut self, offset: u64, data: &mut [u8]);
-    /// Configuration write of `data` at `offset`.
-    fn config_write(&mut self, offset: u64, data: &[u8]);
+    fn config_read(&mut self, offset: u64, data: &mut [u8]) {
+        self.config_space_mut().read(offset, data);
+    }
+    /// Configuration write of `data` at `offset`. Functions whose capabilities react to
+    /// writes (MSI-X enable/mask) override this and call the configuration space themselves.
+    fn config_write(&mut self, offset: u64, data: &[u8]) {
+        self.config_space_mut().write(offset, data);
+    }
     /// The configuration space, for the platform's setup (BAR sizes and placement, command
     /// register) as firmware would do it before the guest runs.
     fn config_space(&self) -> &ConfigSpace;

@@ -39,14 +39,6 @@ impl HostBridge {
 }
 
 impl PciFunction for HostBridge {
-    fn config_read(&mut self, offset: u64, data: &mut [u8]) {
-        self.config.read(offset, data);
-    }
-
-    fn config_write(&mut self, offset: u64, data: &[u8]) {
-        self.config.write(offset, data);
-    }
-
     fn config_space(&self) -> &ConfigSpace {
         &self.config
     }
