@@ -100,11 +100,12 @@ log "downloading $PKG=$version from $SUITE (~170 MB)"
 (cd "$deb_dir" && apt-get "${apt_opts[@]}" -qq download "$PKG=$version" >&2) \
     || die "apt-get download $PKG=$version failed"
 deb=$(ls "$deb_dir"/*.deb)
-rm -rf "$src.tmp" && mkdir -p "$src.tmp"
+tmp="$src.tmp.$$"  # per process: concurrent builds sharing a cache do not collide
+rm -rf "$tmp" && mkdir -p "$tmp"
 dpkg-deb --fsys-tarfile "$deb" | tar -xO --wildcards './usr/src/linux-source-*.tar.xz' \
-    | tar -xJ -C "$src.tmp" --strip-components=1
-check_tree "$src.tmp"
-touch "$src.tmp/.aiodma-complete"
-rm -rf "$src" && mv "$src.tmp" "$src"
+    | tar -xJ -C "$tmp" --strip-components=1
+check_tree "$tmp"
+touch "$tmp/.aiodma-complete"
+rm -rf "$src" && mv "$tmp" "$src"
 step_done kernel-src fetched "$start"
 echo "$src"
