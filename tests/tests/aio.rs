@@ -26,7 +26,10 @@ fn every_engine_round_trips_data() {
         "set -e; for e in sync libaio uring; do \
            aiodma-aio verify --engine $e --qd 16 --requests 48 --seed 7; \
            aiodma-aio verify --engine $e --qd 4 --requests 24 --unaligned --vectored --seed 9; \
-         done; aiodma-aio info; {CLEAN_LOG}"
+         done; \
+         aiodma-aio verify --engine uring --qd 8 --requests 16 --fixed --seed 11; \
+         aiodma-aio verify --engine uring --qd 8 --requests 16 --fixed --unaligned --seed 12; \
+         aiodma-aio info; {CLEAN_LOG}"
     );
     let out = Guest::new().sh(&script);
     out.assert_code(0);
@@ -35,7 +38,14 @@ fn every_engine_round_trips_data() {
         .lines()
         .filter(|l| l.starts_with("verify: ") && l.ends_with(": ok"))
         .count();
-    assert_eq!(ok, 6, "expected 6 verified runs\n{}", out.report());
+    assert_eq!(ok, 8, "expected 8 verified runs\n{}", out.report());
+    // io_uring registered buffers: the driver sees bvec iterators (pages pinned by the ring).
+    assert_eq!(
+        out.stdout.matches(" fixed=true ").count(),
+        2,
+        "{}",
+        out.report()
+    );
     for engine in ["sync", "libaio", "uring"] {
         out.assert_stdout_contains(&format!("verify: engine={engine} qd=16 requests=48"));
     }
