@@ -126,7 +126,7 @@ build_initramfs() {
     local start key out busybox tool
     start=$(now_ns)
     busybox=$(command -v busybox)
-    local inputs=("$busybox" "$IMAGES/init" "$IMAGES/l1init" "$IMAGES/demo" "$MODULE")
+    local inputs=("$busybox" "$IMAGES/init" "$IMAGES/l1init" "$IMAGES/demo" "$IMAGES/checked" "$MODULE")
     for tool in "${GUEST_TOOLS[@]}"; do inputs+=("$TOOLS_DIR/$tool"); done
     key=$(hash_inputs "${inputs[@]}" "$(basename "$(dirname "$MODULE")")" "${GUEST_TOOLS[*]}")
     out="$AIODMA_CACHE/initramfs/$key"
@@ -144,6 +144,7 @@ build_initramfs() {
         install -m 0755 "$IMAGES/init" "$stage/init"
         install -m 0755 "$IMAGES/l1init" "$stage/l1init"
         install -m 0755 "$IMAGES/demo" "$stage/bin/aiodma-demo"
+        install -m 0755 "$IMAGES/checked" "$stage/bin/aiodma-checked"
         install -m 0644 "$MODULE" "$stage/lib/modules/aiodma.ko"
         for tool in "${GUEST_TOOLS[@]}"; do install -m 0755 "$TOOLS_DIR/$tool" "$stage/bin/$tool"; done
         echo 'root:x:0:0:root:/root:/bin/sh' > "$stage/etc/passwd"

@@ -116,10 +116,15 @@ impl RunOutcome {
 }
 
 /// A guest run being described: `aiodma run [flags] -- command`.
+///
+/// Every guest command runs under `/bin/aiodma-checked` (images/checked), which turns a
+/// warning, BUG, oops, panic or lockdep report in the guest kernel log into exit code 99, so no
+/// test passes on a dirty kernel log; `unchecked()` opts out.
 #[derive(Debug, Clone, Default)]
 pub struct Guest {
     flags: Vec<String>,
     env: Vec<(String, String)>,
+    unchecked: bool,
 }
 
 impl Guest {
@@ -131,6 +136,12 @@ impl Guest {
     /// Add a raw flag.
     pub fn flag(mut self, flag: impl Into<String>) -> Self {
         self.flags.push(flag.into());
+        self
+    }
+
+    /// Do not check the guest kernel log after the command (for tests that provoke warnings).
+    pub fn unchecked(mut self) -> Self {
+        self.unchecked = true;
         self
     }
 
@@ -148,7 +159,11 @@ impl Guest {
             .args(&self.flags)
             .stdin(Stdio::null());
         if !guest_command.is_empty() {
-            cmd.arg("--").args(guest_command);
+            cmd.arg("--");
+            if !self.unchecked {
+                cmd.arg("/bin/aiodma-checked");
+            }
+            cmd.args(guest_command);
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
