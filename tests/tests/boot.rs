@@ -182,3 +182,14 @@ fn boot_bench_prints_both_vmms_and_their_ratio() {
         "{stdout}"
     );
 }
+
+#[test]
+fn guest_reset_without_status_gives_102_and_logs_where() {
+    // `reboot -f` with reboot=t triple-faults: the VMM reports the reset and the vCPU state.
+    Guest::new()
+        .unchecked()
+        .run(&["reboot", "-f"])
+        .assert_code(102)
+        .assert_stderr_contains("shutdown exit (triple fault or reboot) at rip ")
+        .assert_stderr_contains("guest reset without reporting an exit status");
+}

@@ -72,6 +72,29 @@ impl Vcpu {
         }
     }
 
+    /// A shutdown exit is a triple fault (or a `reboot=t` reboot): record where the vCPU was,
+    /// so an unexpected guest reset can be traced.
+    fn log_shutdown_state(&self) {
+        if self.ctx.guest_panicked.load(Ordering::SeqCst) {
+            return;
+        }
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => {
+                log::warn!(
+                "vCPU {}: shutdown exit (triple fault or reboot) at rip {:#x} rsp {:#x} cr2 {:#x} \
+                 cr3 {:#x} idt {:#x}/{:#x} rflags {:#x}",
+                self.id, r.rip, r.rsp, s.cr2, s.cr3, s.idt.base, s.idt.limit, r.rflags
+            )
+            }
+            (r, s) => log::warn!(
+                "vCPU {}: shutdown exit; registers unavailable ({:?} / {:?})",
+                self.id,
+                r.err(),
+                s.err()
+            ),
+        }
+    }
+
     fn guest_stopped(&self) -> StopReason {
         if self.ctx.guest_panicked.load(Ordering::SeqCst) {
             StopReason::GuestPanicked
@@ -174,7 +197,10 @@ impl Vcpu {
             // With the in-kernel irqchip HLT does not reach userspace; if it does, re-entering
             // lets KVM deliver the next interrupt.
             VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => Next::Continue,
-            VcpuExit::Shutdown => Next::Stop(self.guest_stopped()),
+            VcpuExit::Shutdown => {
+                self.log_shutdown_state();
+                Next::Stop(self.guest_stopped())
+            }
             VcpuExit::SystemEvent(kind, _) => {
                 log::debug!("vCPU {id}: system event {kind}");
                 Next::Stop(self.guest_stopped())
