@@ -142,9 +142,10 @@ fn rw(kiocb: *mut bindings::kiocb, iter: *mut bindings::iov_iter, op: u32) -> is
     // returning a result or an error, which we return.
     let pending = unsafe { k.into_pending() };
     let is_async = pending.is_some();
-    if is_async {
-        crate::kdebug!("kiocb {:p}: submitted async op {} pos {}\n", kiocb, op, pos);
+    if !is_async {
+        return rw_sync(&of.dev, k, iter, op, nowait);
     }
+    crate::kdebug!("kiocb {:p}: submitted async op {} pos {}\n", kiocb, op, pos);
     // SAFETY: `iter` is the live iterator of this call; the async contract is kept below.
     match unsafe { of.dev.submit(op, pos, Some(iter), pending, nowait) } {
         Ok(Submitted::Done(n)) => {
@@ -159,6 +160,30 @@ fn rw(kiocb: *mut bindings::kiocb, iter: *mut bindings::iov_iter, op: u32) -> is
             e.to_errno() as isize
         }
     }
+}
+
+/// A synchronous transfer, in as many device requests as it takes: a request covers at most
+/// what fits in the ring, and the caller sees one transfer. A short count comes back only at the
+/// end of the device, on an error after some progress, or on a fatal signal between requests.
+fn rw_sync(dev: &AioDev, k: KiocbRef, iter: *mut bindings::iov_iter, op: u32, nowait: bool) -> isize {
+    let mut total = 0usize;
+    loop {
+        let pos = k.pos() + total as i64;
+        // SAFETY: `iter` is the live iterator of this call; no kiocb is handed over.
+        match unsafe { dev.submit(op, pos, Some(iter), None, nowait) } {
+            Ok(Submitted::Done(n)) => {
+                total += n;
+                if n == 0 || crate::dev::iter_len(iter) == 0 || kernel::current!().signal_pending() {
+                    break;
+                }
+            }
+            Ok(Submitted::Queued) => break,
+            Err(e) if total == 0 => return e.to_errno() as isize,
+            Err(_) => break,
+        }
+    }
+    k.advance(total);
+    total as isize
 }
 
 /// # Safety

@@ -162,7 +162,7 @@ fn status_to_result(status: u8, len: usize) -> isize {
 }
 
 /// Bytes left in a live iterator of either direction.
-fn iter_len(it: *mut bindings::iov_iter) -> usize {
+pub(crate) fn iter_len(it: *mut bindings::iov_iter) -> usize {
     // SAFETY: callers pass the live iterator of the running file operation; the view types
     // below assert the direction, so pick the one matching `data_source`.
     unsafe {
