@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 
 aiodma=${AIODMA:-target/release/aiodma}
 time=${BENCH_TIME:-2}
+# A stuck guest ends its boot after this many seconds instead of holding the table forever.
+limit=${BENCH_TIMEOUT:-1800}
 read -r -a faults <<< "${BENCH_FAULTS:-none delay:min=100us,max=100us,every=1}"
 for f in "$aiodma" images/out/fio.cpio.gz; do
     [ -e "$f" ] || { echo "[bench] $f is missing: run 'make image vmm' first" >&2; exit 2; }
@@ -31,7 +33,7 @@ label_of() {
 n=0
 for fault in "${faults[@]}"; do
     label=$(label_of "$fault")
-    flags=(--timeout 1800 --initrd images/out/fio.cpio.gz)
+    flags=(--timeout "$limit" --initrd images/out/fio.cpio.gz)
     [ "$fault" = none ] || flags+=(--fault "$fault")
     echo "[bench] async vs sync, fault '$fault': 28 points of ${time} s in one boot" >&2
     if ! "$aiodma" run "${flags[@]}" -- aiodma-aio bench-suite --time "$time" --label "$label" \
