@@ -84,6 +84,7 @@ build_kernel() {
     fi
     link_out "bzImage$(suffix)" "$kbuild/arch/x86/boot/bzImage"
     link_out "kernel$(suffix).config" "$kbuild/.config"
+    link_out "System$(suffix).map" "$kbuild/System.map"
     KSRC=$ksrc KBUILD=$kbuild
 }
 

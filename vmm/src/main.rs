@@ -37,6 +37,7 @@ fn on_host(
     guest_memory_mib: u64,
     interactive: bool,
     writable: Vec<std::path::PathBuf>,
+    timeout: Option<std::time::Duration>,
     direct: impl FnOnce() -> u8,
 ) -> u8 {
     // Inside the emulated host KVM is real by construction: never recurse.
@@ -69,6 +70,8 @@ fn on_host(
                 guest_memory_mib,
                 interactive,
                 writable,
+                timeout,
+                system_map: Some(images.join("System.map")),
             };
             let raw_args: Vec<_> = std::env::args_os().skip(1).collect();
             match emulated::run(&l1, &raw_args) {
@@ -122,9 +125,14 @@ fn run(args: &RunArgs, vmm_start: Instant) -> u8 {
                 .filter_map(|p| p.parent().map(Into::into))
                 .chain(cfg.device.as_ref().and_then(|d| d.backing_dir()))
                 .collect();
-            on_host(args.host, cfg.memory_mib, cfg.interactive, writable, || {
-                run_vm(&cfg, vmm_start)
-            })
+            on_host(
+                args.host,
+                cfg.memory_mib,
+                cfg.interactive,
+                writable,
+                cfg.timeout,
+                || run_vm(&cfg, vmm_start),
+            )
         }
         Err(e) => {
             log::error!("{e}");
@@ -157,6 +165,10 @@ fn bench_boot(args: &BootBenchArgs) -> u8 {
         args.memory,
         false,
         Vec::new(),
+        // Each boot of the bench has its own limit; the whole bench gets one too.
+        Some(std::time::Duration::from_secs(
+            60 * u64::from(args.runs) + 60,
+        )),
         || match bench::run(&b, b.hide_xsave) {
             Ok(()) => 0,
             Err(e) => {

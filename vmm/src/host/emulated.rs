@@ -24,7 +24,8 @@ use std::io::{self, BufRead, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use aiodma_device::abi::platform;
 
@@ -32,11 +33,16 @@ use super::IN_EMULATED_HOST_ENV;
 
 /// Memory the level-1 kernel and the host tools it runs need on top of the level-2 guest.
 pub const LEVEL1_HEADROOM_MIB: u64 = 512;
+/// Time level 1 gets on top of the inner run's timeout: its own boot and shutdown, slow on a
+/// loaded machine (seen: 1 s idle, up to ~20 s with both cores busy).
+pub const LEVEL1_GRACE: Duration = Duration::from_secs(60);
 /// The line `/l1init` prints once the host's files are mounted, just before the inner run.
 pub const READY_MARKER: &str = "aiodma-l1: ready";
 /// Colon-separated host directories the inner run may write to.
 pub const WRITABLE_ENV: &str = "AIODMA_WRITABLE";
 const QEMU: &str = "qemu-system-x86_64";
+/// QEMU's human monitor, in the job directory: asked where level 1's vCPUs are if it hangs.
+const MONITOR_SOCKET: &str = "monitor.sock";
 
 /// Why the emulated host could not run.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +59,14 @@ pub enum EmulatedError {
     /// An OS operation failed.
     #[error("emulated host: {0}: {1}")]
     Io(&'static str, io::Error),
+    /// Level 1 outlived the inner run's timeout plus its grace: it was killed.
+    #[error("the emulated host did not finish within {} s (the guest's --timeout plus {} s for level 1): QEMU killed{detail}", .limit.as_secs(), LEVEL1_GRACE.as_secs())]
+    Hung {
+        /// The limit that passed.
+        limit: Duration,
+        /// Where level 1's vCPUs were, from QEMU's monitor.
+        detail: String,
+    },
     /// QEMU ended without the inner run's status.
     #[error("emulated host stopped without an exit status (QEMU {qemu}){detail}")]
     NoStatus {
@@ -70,6 +84,7 @@ impl EmulatedError {
             EmulatedError::QemuMissing | EmulatedError::Image(..) | EmulatedError::Writable(..) => {
                 crate::exit::EXIT_BAD_INPUT
             }
+            EmulatedError::Hung { .. } => crate::exit::EXIT_TIMEOUT,
             _ => crate::exit::EXIT_KVM_FAILURE,
         }
     }
@@ -88,6 +103,11 @@ pub struct Level1 {
     pub interactive: bool,
     /// Host directories the inner run writes to (besides those of `AIODMA_WRITABLE`).
     pub writable: Vec<PathBuf>,
+    /// The inner run's own `--timeout`. Level 0 enforces it too (plus
+    /// [`LEVEL1_GRACE`]), so a level 1 that stops responding cannot hang the caller.
+    pub timeout: Option<Duration>,
+    /// The level-1 kernel's symbol table, to name where a hung level 1's vCPUs are.
+    pub system_map: Option<PathBuf>,
 }
 
 /// Quote `s` for POSIX sh.
@@ -187,6 +207,11 @@ pub fn qemu_args(
         "virtconsole,chardev=err".into(),
         "-device".into(),
         format!("isa-debug-exit,iobase={:#x},iosize=1", platform::EXIT_PORT),
+        "-monitor".into(),
+        format!(
+            "unix:{},server=on,wait=off",
+            job_dir.join(MONITOR_SOCKET).display()
+        ),
         "-fsdev".into(),
         "local,id=host,path=/,security_model=none,readonly=on,multidevs=remap".into(),
         "-device".into(),
@@ -361,7 +386,7 @@ pub fn run(l1: &Level1, args: &[OsString]) -> Result<u8, EmulatedError> {
     log::debug!("{} {:?}", qemu.display(), qemu_argv);
 
     let started = Instant::now();
-    let mut child = Command::new(&qemu)
+    let child = Command::new(&qemu)
         .args(&qemu_argv)
         .stdin(Stdio::inherit())
         .stdout(Stdio::piped())
@@ -376,19 +401,34 @@ pub fn run(l1: &Level1, args: &[OsString]) -> Result<u8, EmulatedError> {
             let _ = io::copy(&mut reader, &mut io::stderr());
         })
         .map_err(|e| EmulatedError::Io("start the stderr copier", e))?;
-    let prelude = match child.stdout.take() {
+    let limit = l1.timeout.map(|t| t + LEVEL1_GRACE);
+    let mut child = child;
+    let stdout = child.stdout.take();
+    let monitor = job.0.join(MONITOR_SOCKET);
+    let system_map = l1.system_map.clone();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let watchdog = std::thread::Builder::new()
+        .name("l1-watchdog".into())
+        .spawn(move || watch_level1(child, limit, &monitor, system_map.as_deref(), done_rx))
+        .map_err(|e| EmulatedError::Io("start the level-1 watchdog", e))?;
+    let prelude = match stdout {
         Some(out) => forward_output(out, started),
         None => Vec::new(),
     };
-    let status = child
-        .wait()
-        .map_err(|e| EmulatedError::Io("wait for QEMU", e))?;
+    drop(done_tx);
+    let (status, hung) = watchdog
+        .join()
+        .unwrap_or_else(|_| (Err(io::Error::other("watchdog panicked")), None));
+    let status = status.map_err(|e| EmulatedError::Io("wait for QEMU", e))?;
     let _ = stderr_copier.join();
     log::debug!(
         "emulated host session took {} ms",
         started.elapsed().as_millis()
     );
 
+    if let (Some(limit), Some(detail)) = (limit, hung) {
+        return Err(EmulatedError::Hung { limit, detail });
+    }
     match std::fs::read_to_string(job.0.join("status")) {
         Ok(text) => match text.trim().parse::<u8>() {
             Ok(code) => Ok(code),
@@ -406,6 +446,126 @@ pub fn run(l1: &Level1, args: &[OsString]) -> Result<u8, EmulatedError> {
             },
         }),
     }
+}
+
+/// Wait for QEMU; past `limit`, ask its monitor where the vCPUs are and kill it. Returns QEMU's
+/// exit status and, if it was killed, the monitor's answer. `stdout_done` disconnects once the
+/// caller has read QEMU's output to its end, i.e. QEMU is exiting.
+fn watch_level1(
+    mut child: std::process::Child,
+    limit: Option<Duration>,
+    monitor: &Path,
+    system_map: Option<&Path>,
+    stdout_done: mpsc::Receiver<()>,
+) -> (io::Result<std::process::ExitStatus>, Option<String>) {
+    let deadline = limit.map(|l| Instant::now() + l);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return (Ok(status), None),
+            Ok(None) => {}
+            Err(e) => return (Err(e), None),
+        }
+        let poll = Duration::from_millis(20);
+        let wait = match deadline {
+            Some(d) if Instant::now() >= d => break,
+            Some(d) => d.saturating_duration_since(Instant::now()).min(poll),
+            None => poll,
+        };
+        if let Err(mpsc::RecvTimeoutError::Disconnected) = stdout_done.recv_timeout(wait) {
+            // QEMU closed its output: only the exit is left, which cannot hang.
+            return (child.wait(), None);
+        }
+    }
+    let detail = match vcpu_states(monitor) {
+        Ok(states) if !states.is_empty() => {
+            let map = system_map.and_then(|p| std::fs::read_to_string(p).ok());
+            let named: Vec<String> = states
+                .iter()
+                .map(|state| name_rip(state, map.as_deref()))
+                .collect();
+            format!("; level 1 vCPUs: {}", named.join(" | "))
+        }
+        Ok(_) => String::new(),
+        Err(e) => format!("; QEMU monitor: {e}"),
+    };
+    log::debug!("killing QEMU (pid {})", child.id());
+    let _ = child.kill();
+    (child.wait(), Some(detail))
+}
+
+/// Each vCPU's `RIP=… CPL=… HLT=…` line from QEMU's `info registers -a`.
+fn vcpu_states(monitor: &Path) -> io::Result<Vec<String>> {
+    let mut sock = std::os::unix::net::UnixStream::connect(monitor)?;
+    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    sock.write_all(b"info registers -a\n")?;
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The reply ends with the next prompt; the timeout bounds a monitor that never answers.
+    loop {
+        match sock.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                text.extend_from_slice(&buf[..n]);
+                let tail = String::from_utf8_lossy(&text);
+                if tail.matches("(qemu)").count() >= 2 {
+                    break;
+                }
+            }
+            Err(e) if text.is_empty() => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(parse_vcpu_states(&String::from_utf8_lossy(&text)))
+}
+
+/// `state` with its `RIP=<hex>` followed by `(symbol+0xoff)` when `system_map` has it.
+fn name_rip(state: &str, system_map: Option<&str>) -> String {
+    let Some(map) = system_map else {
+        return state.to_string();
+    };
+    let rip = state
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("RIP="))
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok());
+    let Some(rip) = rip else {
+        return state.to_string();
+    };
+    let best = map
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let addr = u64::from_str_radix(fields.next()?, 16).ok()?;
+            let kind = fields.next()?;
+            let name = fields.next()?;
+            (matches!(kind, "t" | "T") && addr <= rip).then_some((addr, name))
+        })
+        .max_by_key(|(addr, _)| *addr);
+    match best {
+        Some((addr, name)) if rip - addr < 1 << 20 => state.replacen(
+            &format!("RIP={rip:016x}"),
+            &format!("RIP={rip:016x}({name}+{:#x})", rip - addr),
+            1,
+        ),
+        _ => state.to_string(),
+    }
+}
+
+fn parse_vcpu_states(reply: &str) -> Vec<String> {
+    let mut states = Vec::new();
+    let mut cpu = String::new();
+    for line in reply.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("CPU#") {
+            cpu = format!("cpu{}", rest.trim());
+        } else if line.starts_with("RIP=") {
+            let fields: Vec<&str> = line
+                .split_whitespace()
+                .filter(|f| f.starts_with("RIP=") || f.starts_with("CPL=") || f.starts_with("HLT="))
+                .collect();
+            states.push(format!("{cpu} {}", fields.join(" ")).trim().to_string());
+        }
+    }
+    states
 }
 
 /// The per-run directory shared with level 1; removed when dropped.
@@ -487,6 +647,68 @@ mod tests {
     }
 
     #[test]
+    fn watchdog_kills_a_child_past_its_limit() {
+        let child = Command::new("sleep").arg("30").spawn().unwrap();
+        let (_tx, rx) = mpsc::channel();
+        let started = Instant::now();
+        let (status, hung) = watch_level1(
+            child,
+            Some(Duration::from_millis(200)),
+            Path::new("/nonexistent/monitor.sock"),
+            None,
+            rx,
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(!status.unwrap().success());
+        assert!(hung.unwrap().contains("QEMU monitor:"));
+    }
+
+    #[test]
+    fn watchdog_leaves_a_child_that_exits_in_time() {
+        let child = Command::new("true").spawn().unwrap();
+        let (_tx, rx) = mpsc::channel();
+        let (status, hung) = watch_level1(
+            child,
+            Some(Duration::from_secs(30)),
+            Path::new("/x"),
+            None,
+            rx,
+        );
+        assert!(status.unwrap().success());
+        assert!(hung.is_none());
+    }
+
+    #[test]
+    fn vcpu_states_from_the_monitor_reply() {
+        let reply = "QEMU 10.0.2 monitor - type 'help' for more information\r\n(qemu) info registers -a\r\n\r\nCPU#0\r\nRAX=0000000000000000 RBX=ffffffff82a0f940\r\nRIP=ffffffff81b2c3d4 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\r\n\r\nCPU#1\r\nRIP=0000000000401000 RFL=00000202 [-------] CPL=3 II=0 A20=1 SMM=0 HLT=0\r\n(qemu) ";
+        assert_eq!(
+            parse_vcpu_states(reply),
+            vec![
+                "cpu0 RIP=ffffffff81b2c3d4 CPL=0 HLT=1",
+                "cpu1 RIP=0000000000401000 CPL=3 HLT=0"
+            ]
+        );
+        assert!(parse_vcpu_states("(qemu) ").is_empty());
+    }
+
+    #[test]
+    fn rip_is_named_from_the_symbol_table() {
+        let map = "ffffffff81000000 T _stext\nffffffff81572e30 t default_idle\nffffffff81572e50 T next_fn\nffffffff82000000 D some_data\n";
+        assert_eq!(
+            name_rip("cpu0 RIP=ffffffff81572e37 CPL=0 HLT=1", Some(map)),
+            "cpu0 RIP=ffffffff81572e37(default_idle+0x7) CPL=0 HLT=1"
+        );
+        assert_eq!(
+            name_rip("cpu1 RIP=0000000000401000 CPL=3", Some(map)),
+            "cpu1 RIP=0000000000401000 CPL=3"
+        );
+        assert_eq!(
+            name_rip("cpu0 RIP=ffffffff81572e37", None),
+            "cpu0 RIP=ffffffff81572e37"
+        );
+    }
+
+    #[test]
     fn tsc_from_cpuinfo() {
         assert_eq!(
             tsc_khz("processor: 0\ncpu MHz\t\t: 2600.004\n"),
@@ -503,6 +725,8 @@ mod tests {
             guest_memory_mib: 256,
             interactive: false,
             writable: Vec::new(),
+            timeout: None,
+            system_map: None,
         };
         let args: Vec<String> = qemu_args(
             &l1,
