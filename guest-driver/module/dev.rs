@@ -3,7 +3,9 @@
 //! cancellation and device reset.
 //!
 //! A *request* (one kiocb, or one synchronous call) covers the caller's pinned buffer and is
-//! split into *parts*, one descriptor chain each, within the device's limits.
+//! split into *parts*, one descriptor chain each, within the device's limits. A request keeps
+//! at most half the ring's descriptors busy: a larger one goes to the device in waves, its next
+//! parts published from the completion path as earlier ones come back.
 //!
 //! Locking: each queue has one `SpinLockIrq` around its ring, part table and request table,
 //! taken by submitters (process context), the queue's threaded interrupt handler, the
@@ -40,12 +42,20 @@ use crate::{
 /// Watchdog period: timeouts and cancellations are noticed within this.
 const WATCHDOG_MS: u32 = 100;
 
+/// Most bytes one request pins; a larger read or write ends short there (a caller of plain
+/// read/write never sees it: the synchronous path continues with further requests).
+const MAX_REQUEST_BYTES: usize = 8 << 20;
+const PAGE_SIZE: usize = bindings::PAGE_SIZE as usize;
+
 /// Who waits for a request.
 enum Waiter {
     /// An asynchronous kiocb, completed from the interrupt path (or by cancel/timeout/reset).
     Async(PendingIocb),
     /// A synchronous caller sleeping in `read_iter`/`write_iter`/`fsync`.
     Sync(SyncState),
+    /// An asynchronous request between entering the table and getting its kiocb (aio's cancel
+    /// hook is armed outside our lock meanwhile): not yet published, not to be reaped.
+    Arming,
     /// Nobody: the kiocb was already completed (cancelled) or the sync caller left; the
     /// request lingers until the device returns its buffers.
     Gone,
@@ -59,19 +69,50 @@ enum SyncState {
     Done(isize),
 }
 
+/// One part of a request before it is published: a run of the mapping's segments.
+#[derive(Clone, Copy)]
+struct Cut {
+    first: usize,
+    count: usize,
+    bytes: usize,
+}
+
 struct Request {
     id: u64,
     /// Bumped per use of the slot, so a stale cancel cookie cannot hit a newer request.
     generation: u32,
+    op: u32,
     len: usize,
-    parts_left: u16,
+    /// Every part of the request, in device order; `cuts[next_cut..]` are not yet published.
+    cuts: KVec<Cut>,
+    next_cut: usize,
+    /// Device offset of `cuts[next_cut]`.
+    next_offset: u64,
+    /// Parts on the device now.
+    in_flight: u16,
     /// Device-side results folded together: the first error wins.
     error: Option<isize>,
     short: bool,
     mapping: Option<Mapping>,
     waiter: Waiter,
+    /// When the request last made progress (a part published): the timeout counts from here.
     started: Instant<Monotonic>,
     cancel_requested: bool,
+}
+
+impl Request {
+    /// Whether more parts should go to the device: nobody waits for a cancelled or abandoned
+    /// request, and a failed one has its answer already.
+    fn wants_more(&self) -> bool {
+        self.next_cut < self.cuts.len()
+            && self.error.is_none()
+            && matches!(self.waiter, Waiter::Async(_) | Waiter::Sync(SyncState::Waiting))
+    }
+
+    /// Nothing on the device and nothing more to send: the request can finish.
+    fn settled(&self) -> bool {
+        self.in_flight == 0 && !self.wants_more()
+    }
 }
 
 /// One descriptor chain of a request.
@@ -89,14 +130,97 @@ struct QueueState {
     /// Request slots.
     requests: KVec<Option<Request>>,
     generations: KVec<u32>,
-    /// Bumped by every reset of the ring, so a submitter that reserved descriptors before a
-    /// reset does not publish them after it.
+    /// Bumped by every reset of the ring, so a submitter whose request a reset failed does
+    /// not publish it after it.
     epoch: u64,
+    /// Descriptor indices of the chain being published (capacity: the ring size, so no
+    /// allocation under the lock).
+    chain: KVec<u16>,
+    /// At most this many parts of one request on the device (half the ring's descriptors).
+    part_limit: u16,
 }
 
 impl QueueState {
     fn free_request_slot(&self) -> Option<usize> {
         self.requests.iter().position(Option::is_none)
+    }
+
+    /// Publish request `slot`'s next parts while the ring has room and the request stays
+    /// within `part_limit` parts on the device. Returns whether the device needs a kick.
+    fn publish_parts(&mut self, slot: usize) -> bool {
+        let QueueState {
+            ring,
+            parts,
+            requests,
+            chain,
+            part_limit,
+            ..
+        } = self;
+        let (Some(ring), Some(Some(req))) = (ring.as_mut(), requests.get_mut(slot)) else {
+            return false;
+        };
+        let mut kick = false;
+        while req.wants_more() && req.in_flight < *part_limit {
+            let cut = req.cuts[req.next_cut];
+            if ring.alloc_chain(cut.count + 2, chain).is_err() {
+                // Parts on the device (this request's or others') return descriptors; the
+                // completion path then publishes the rest.
+                break;
+            }
+            let head = chain[0];
+            let header = abi::RequestHeader {
+                op: req.op,
+                flags: 0,
+                id: req.id,
+                offset: req.next_offset,
+                // CAST: bytes <= max_transfer, a u32.
+                length: cut.bytes as u32,
+                reserved: 0,
+            };
+            let haddr = ring.put_header(head, &header);
+            ring.set_desc(chain, 0, haddr, core::mem::size_of::<abi::RequestHeader>() as u32, false);
+            if let Some(m) = req.mapping.as_ref() {
+                for (k, s) in m.segments()[cut.first..cut.first + cut.count].iter().enumerate() {
+                    ring.set_desc(chain, k + 1, s.addr, s.len, req.op != abi::op::WRITE);
+                }
+            }
+            let status_addr = ring.status_addr(head);
+            ring.set_desc(chain, cut.count + 1, status_addr, 1, true);
+            // CAST: slot < ring size.
+            parts[usize::from(head)] = Some(Part {
+                request: slot as u16,
+                len: cut.bytes,
+                op: req.op,
+            });
+            kick |= ring.publish(head);
+            req.next_cut += 1;
+            req.next_offset += cut.bytes as u64;
+            req.in_flight += 1;
+            req.started = Instant::now();
+        }
+        if req.next_cut > 1 && req.next_cut < req.cuts.len() {
+            kdebug!("req {}: {} of {} parts published\n", req.id, req.next_cut, req.cuts.len());
+        }
+        kick
+    }
+
+    /// After descriptors came back: publish waiting parts of every request, and take apart
+    /// requests that are settled without a part on the device (cancelled or failed while
+    /// waiting for room). Returns whether the device needs a kick, and one finished request.
+    fn progress(&mut self) -> (bool, Option<Finished>) {
+        let mut kick = false;
+        for slot in 0..self.requests.len() {
+            let Some(req) = self.requests[slot].as_ref() else {
+                continue;
+            };
+            if req.wants_more() {
+                kick |= self.publish_parts(slot);
+            } else if matches!(req.waiter, Waiter::Gone) && req.settled() {
+                let result = ECANCELED.to_errno() as isize;
+                return (kick, Finished::take(&mut self.requests, slot, result));
+            }
+        }
+        (kick, None)
     }
 }
 
@@ -174,6 +298,20 @@ pub(crate) fn iter_len(it: *mut bindings::iov_iter) -> usize {
     }
 }
 
+/// Data descriptors and bytes per part, and parts of one request on the device at once:
+/// bounded by the device and by the ring, so that a request's parts in flight fit in half the
+/// ring together. A part takes at most a quarter of that half, so a large request keeps about
+/// four parts on the device, which the backend serves in parallel.
+fn part_limits(config: &abi::DeviceConfig, ring_size: u16) -> (usize, usize, usize) {
+    let half = usize::from(ring_size) / 2;
+    let segs = (config.max_segments as usize)
+        .min((half / 4).saturating_sub(2))
+        .max(1);
+    let bytes = config.max_transfer as usize;
+    let parts = (half / (segs + 2)).max(1);
+    (segs, bytes, parts)
+}
+
 fn cookie(queue: u16, slot: usize, generation: u32) -> usize {
     (generation as usize) << 32 | usize::from(queue) << 16 | slot
 }
@@ -204,7 +342,7 @@ impl Finished {
                 req.waiter = Waiter::Sync(SyncState::Releasing);
                 (None, Some(slot))
             }
-            Waiter::Gone => {
+            Waiter::Gone | Waiter::Arming => {
                 requests[slot] = None;
                 (None, None)
             }
@@ -258,6 +396,9 @@ impl AioDev {
         let mut queues = KVec::with_capacity(usize::from(config.num_queues), GFP_KERNEL)?;
         for index in 0..config.num_queues {
             let ring = Ring::new(pdev.as_ref(), size, event_idx)?;
+            let chain = KVec::with_capacity(usize::from(size), GFP_KERNEL)?;
+            // CAST: at most half the ring's entries, a u16.
+            let part_limit = part_limits(&config, size).2 as u16;
             let mut parts = KVec::with_capacity(usize::from(size), GFP_KERNEL)?;
             let mut requests = KVec::with_capacity(usize::from(size), GFP_KERNEL)?;
             let mut generations = KVec::with_capacity(usize::from(size), GFP_KERNEL)?;
@@ -270,7 +411,7 @@ impl AioDev {
                 pin_init!(Queue {
                     index,
                     state <- new_spinlock_irq!(QueueState {
-                        ring: Some(ring), parts, requests, generations, epoch: 0
+                        ring: Some(ring), parts, requests, generations, epoch: 0, chain, part_limit
                     }),
                     wait <- new_condvar!(),
                 }),
@@ -352,17 +493,6 @@ impl AioDev {
         &self.queues[cpu % self.queues.len()]
     }
 
-    /// Data descriptors per part: bounded by the device and by the ring, so that a request's
-    /// parts fit in half the ring together.
-    fn part_limits(&self, ring_size: u16) -> (usize, usize, usize) {
-        let half = usize::from(ring_size) / 2;
-        let segs = (self.config.max_segments as usize)
-            .min(half.saturating_sub(2))
-            .max(1);
-        let bytes = self.config.max_transfer as usize;
-        let parts = (half / (segs + 2)).max(1);
-        (segs, bytes, parts)
-    }
 
     /// Submit one request. `iter` is the caller's buffer (None for FLUSH).
     ///
@@ -401,7 +531,7 @@ impl AioDev {
                 return Err(ENODEV);
             }
         };
-        let (seg_limit, byte_limit, part_limit) = self.part_limits(ring_size);
+        let (seg_limit, byte_limit, part_limit) = part_limits(&self.config, ring_size);
         let cap = self.config.capacity;
         let (mapping, start) = match iter {
             Some(it) => {
@@ -425,16 +555,11 @@ impl AioDev {
                     return Ok(Submitted::Done(0));
                 }
                 // Larger transfers end short (legal for a file; callers continue).
-                let len = len.min(byte_limit * part_limit);
+                let len = len.min(MAX_REQUEST_BYTES);
+                let max_pages = MAX_REQUEST_BYTES / PAGE_SIZE + 1;
                 // SAFETY: `it` is live (caller contract); the device is bound while not dead.
                 match unsafe {
-                    Mapping::new(
-                        self.raw_dev(),
-                        it,
-                        len,
-                        seg_limit * part_limit,
-                        op == abi::op::READ,
-                    )
+                    Mapping::new(self.raw_dev(), it, len, max_pages, op == abi::op::READ)
                 } {
                     Ok(m) => (Some(m), start),
                     Err(e) => {
@@ -446,49 +571,43 @@ impl AioDev {
             None => (None, 0),
         };
 
-        // Cut the mapping into parts within the device's limits: (first segment, count, bytes).
-        let mut cuts: KVec<(usize, usize, usize)> = KVec::new();
+        // Cut the mapping into parts within the device's limits.
+        let mut cuts: KVec<Cut> = KVec::new();
         if let Some(m) = mapping.as_ref() {
             let segs = m.segments();
             let mut first = 0;
             while first < segs.len() {
-                let mut n = 0;
+                let mut count = 0;
                 let mut bytes = 0usize;
-                while first + n < segs.len()
-                    && n < seg_limit
-                    && bytes + segs[first + n].len as usize <= byte_limit
+                while first + count < segs.len()
+                    && count < seg_limit
+                    && bytes + segs[first + count].len as usize <= byte_limit
                 {
-                    bytes += segs[first + n].len as usize;
-                    n += 1;
+                    bytes += segs[first + count].len as usize;
+                    count += 1;
                 }
-                if n == 0 {
+                if count == 0 {
                     give_back(pending);
                     return Err(EINVAL);
                 }
-                if let Err(e) = cuts.push((first, n, bytes), GFP_KERNEL) {
+                if let Err(e) = cuts.push(Cut { first, count, bytes }, GFP_KERNEL) {
                     give_back(pending);
                     return Err(e.into());
                 }
-                first += n;
+                first += count;
             }
-        } else if let Err(e) = cuts.push((0, 0, 0), GFP_KERNEL) {
+        } else if let Err(e) = cuts.push(Cut { first: 0, count: 0, bytes: 0 }, GFP_KERNEL) {
             give_back(pending);
             return Err(e.into());
         }
         let len = mapping.as_ref().map_or(0, Mapping::bytes);
-        let ndesc: usize = cuts.iter().map(|c| c.1 + 2).sum();
+        let nparts = cuts.len();
+        // The first wave: what one request may have on the device at once.
+        let first_wave: usize = cuts.iter().take(part_limit).map(|c| c.count + 2).sum();
         let id = self.next_id.fetch_add(1, Relaxed);
-        // The descriptors are taken together with the request slot, under one lock hold, so
-        // nobody can take the room between the check and the use.
-        let mut descs: KVec<u16> = match KVec::with_capacity(ndesc, GFP_KERNEL) {
-            Ok(v) => v,
-            Err(e) => {
-                give_back(pending);
-                return Err(e.into());
-            }
-        };
 
-        // Reserve a request slot and the descriptors.
+        // Take a request slot once the ring has room for the first wave (publishing, below,
+        // takes whatever room is left then; the completion path publishes the rest).
         let mut st = q.state.lock();
         let slot = loop {
             if self.dead.load(Acquire) || st.ring.is_none() {
@@ -500,18 +619,13 @@ impl AioDev {
                 && st
                     .ring
                     .as_ref()
-                    .is_some_and(|r| usize::from(r.num_free()) >= ndesc);
+                    .is_some_and(|r| usize::from(r.num_free()) >= first_wave);
             if ready {
                 if let Some(slot) = st.free_request_slot() {
-                    if let Some(ring) = st.ring.as_mut() {
-                        // `descs` has room for `ndesc`: no allocation under the lock.
-                        if ring.alloc_chain(ndesc, &mut descs).is_ok() {
-                            break slot;
-                        }
-                    }
+                    break slot;
                 }
             }
-            if nowait || ndesc > usize::from(ring_size) {
+            if nowait {
                 drop(st);
                 give_back(pending);
                 return Err(EAGAIN);
@@ -526,21 +640,23 @@ impl AioDev {
         st.generations[slot] = st.generations[slot].wrapping_add(1);
         let generation = st.generations[slot];
         let is_async = pending.is_some();
-        // CAST: at most half a ring of parts.
-        let nparts = cuts.len() as u16;
         // An async request enters the table without its kiocb: aio's cancel hook must be armed
         // first, outside our lock (aio's lock nests outside ours), while nobody else can reach
         // the kiocb.
         st.requests[slot] = Some(Request {
             id,
             generation,
+            op,
             len,
-            parts_left: nparts,
+            cuts,
+            next_cut: 0,
+            next_offset: start,
+            in_flight: 0,
             error: None,
             short: false,
             mapping,
             waiter: if is_async {
-                Waiter::Gone
+                Waiter::Arming
             } else {
                 Waiter::Sync(SyncState::Waiting)
             },
@@ -552,73 +668,26 @@ impl AioDev {
             p.arm_cancel(cookie(q.index, slot, generation), aio_cancel);
         }
 
-        // Publish every part, unless a reset (or unbind) came in between: it already failed
-        // this request (and took back its descriptors by resetting the ring).
+        // Publish the first wave, unless a reset (or unbind) came in between: it already
+        // failed this request.
         let mut st = q.state.lock();
-        let same_epoch = st.epoch == epoch;
-        if let Some(p) = pending {
-            match st.requests.get_mut(slot).and_then(Option::as_mut) {
-                Some(r) if same_epoch => r.waiter = Waiter::Async(p),
-                _ => {
-                    // A reset failed the request before it reached the device.
-                    drop(st);
-                    p.disown();
-                    return Err(EIO);
-                }
+        let ours = st.epoch == epoch
+            && st
+                .requests
+                .get(slot)
+                .and_then(Option::as_ref)
+                .is_some_and(|r| r.generation == generation);
+        if !ours {
+            drop(st);
+            if let Some(p) = pending {
+                p.disown();
             }
+            return Err(EIO);
         }
-        let QueueState {
-            ring,
-            parts,
-            requests,
-            ..
-        } = &mut *st;
-        let mut kick = false;
-        if let (Some(ring), true) = (ring.as_mut(), same_epoch) {
-            let mut kick_parts = false;
-            let mut offset = start;
-            let mut next_desc = 0;
-            for &(first, n, bytes) in cuts.iter() {
-                let chain = &descs[next_desc..next_desc + n + 2];
-                next_desc += n + 2;
-                let head = chain[0];
-                let header = abi::RequestHeader {
-                    op,
-                    flags: 0,
-                    id,
-                    offset: if iter.is_some() { offset } else { 0 },
-                    // CAST: bytes <= max_transfer, a u32.
-                    length: bytes as u32,
-                    reserved: 0,
-                };
-                let haddr = ring.put_header(head, &header);
-                ring.set_desc(
-                    chain,
-                    0,
-                    haddr,
-                    core::mem::size_of::<abi::RequestHeader>() as u32,
-                    false,
-                );
-                if let Some(Some(req)) = requests.get(slot) {
-                    if let Some(m) = req.mapping.as_ref() {
-                        for (k, s) in m.segments()[first..first + n].iter().enumerate() {
-                            ring.set_desc(chain, k + 1, s.addr, s.len, op != abi::op::WRITE);
-                        }
-                    }
-                }
-                let status_addr = ring.status_addr(head);
-                ring.set_desc(chain, n + 1, status_addr, 1, true);
-                // CAST: slot < ring size.
-                parts[usize::from(head)] = Some(Part {
-                    request: slot as u16,
-                    len: bytes,
-                    op,
-                });
-                kick_parts |= ring.publish(head);
-                offset += bytes as u64;
-            }
-            kick = kick_parts;
+        if let (Some(p), Some(Some(r))) = (pending, st.requests.get_mut(slot)) {
+            r.waiter = Waiter::Async(p);
         }
+        let kick = st.publish_parts(slot);
         kdebug!(
             "req {}: queued on q{} op {} len {} pos {} in {} part(s)\n",
             id,
@@ -626,14 +695,12 @@ impl AioDev {
             op,
             len,
             pos,
-            cuts.len()
+            nparts
         );
         self.stats.submitted.fetch_add(1, Relaxed);
         drop(st);
         if kick {
-            if let Some(bar) = self.bar.try_access() {
-                hw::kick(&bar, q.index);
-            }
+            self.kick(q);
         }
         if is_async {
             kdebug!("req {}: async kiocb, returning -EIOCBQUEUED\n", id);
@@ -665,7 +732,7 @@ impl AioDev {
             }
             if q.wait.wait_interruptible(&mut st) && kernel::current!().signal_pending() {
                 // The buffers stay pinned until the device returns them; the completion path
-                // then frees the slot.
+                // (or, with nothing on the device, the watchdog) then frees the slot.
                 if let Some(Some(r)) = st.requests.get_mut(slot) {
                     r.waiter = Waiter::Gone;
                 }
@@ -675,31 +742,46 @@ impl AioDev {
         }
     }
 
-    /// A part finished (under the queue lock): fold its result into its request, and if that
-    /// was the last part, take the request apart for completion outside the lock.
-    fn part_done(st: &mut QueueState, head: u16, status: u8, used_len: u32) -> Option<Finished> {
-        let part = st.parts.get_mut(usize::from(head))?.take()?;
+    /// Notify the device of new chains on `q` (a register write: only when the ring asks).
+    fn kick(&self, q: &Queue) {
+        if let Some(bar) = self.bar.try_access() {
+            hw::kick(&bar, q.index);
+        }
+    }
+
+    /// A part finished (under the queue lock): fold its result into its request; publish the
+    /// request's next parts, or, once it is settled, take it apart for completion outside the
+    /// lock. Returns the finished request and whether the device needs a kick.
+    fn part_done(st: &mut QueueState, head: u16, status: u8, used_len: u32) -> (Option<Finished>, bool) {
+        let Some(part) = st.parts.get_mut(usize::from(head)).and_then(Option::take) else {
+            return (None, false);
+        };
         if let Some(ring) = st.ring.as_mut() {
             ring.free_chain(head);
         }
         let slot = usize::from(part.request);
-        let req = st.requests.get_mut(slot)?.as_mut()?;
+        let Some(req) = st.requests.get_mut(slot).and_then(Option::as_mut) else {
+            return (None, false);
+        };
         let res = status_to_result(status, part.len);
         if res < 0 {
             req.error.get_or_insert(res);
         } else if part.op == abi::op::READ && (used_len as usize) < part.len + 1 {
             req.short = true;
         }
-        req.parts_left = req.parts_left.saturating_sub(1);
-        if req.parts_left > 0 {
-            return None;
+        req.in_flight = req.in_flight.saturating_sub(1);
+        if req.wants_more() {
+            return (None, st.publish_parts(slot));
+        }
+        if !req.settled() {
+            return (None, false);
         }
         let result = match (req.error, req.short) {
             (Some(e), _) => e,
             (None, true) => EIO.to_errno() as isize,
             (None, false) => req.len as isize,
         };
-        Finished::take(&mut st.requests, slot, result)
+        (Finished::take(&mut st.requests, slot, result), false)
     }
 
     /// Handle completions on queue `index` (threaded interrupt context: may sleep).
@@ -710,6 +792,7 @@ impl AioDev {
         loop {
             let mut batch: [Option<Finished>; 16] = Default::default();
             let mut n = 0;
+            let mut kick = false;
             {
                 let mut st = q.state.lock();
                 while n < batch.len() {
@@ -721,14 +804,24 @@ impl AioDev {
                         break;
                     };
                     let status = ring.status(head);
-                    match Self::part_done(&mut st, head, status, used_len) {
-                        Some(f) => {
-                            batch[n] = Some(f);
-                            n += 1;
-                        }
-                        None => {}
+                    let (finished, more) = Self::part_done(&mut st, head, status, used_len);
+                    kick |= more;
+                    if let Some(f) = finished {
+                        batch[n] = Some(f);
+                        n += 1;
                     }
                 }
+                // Room came back: parts of other requests waiting for it go out now.
+                while n < batch.len() {
+                    let (more, finished) = st.progress();
+                    kick |= more;
+                    let Some(f) = finished else { break };
+                    batch[n] = Some(f);
+                    n += 1;
+                }
+            }
+            if kick {
+                self.kick(q);
             }
             if n == 0 {
                 q.wait.notify_all();
@@ -789,6 +882,15 @@ impl AioDev {
                 kdebug!("req {}: cancelled, ki_complete(-ECANCELED)\n", id);
                 self.stats.cancels.fetch_add(1, Relaxed);
                 p.complete(ECANCELED.to_errno() as isize);
+            }
+            // Requests abandoned while waiting for ring room have no part to bring them back.
+            loop {
+                let (kick, finished) = q.state.lock().progress();
+                if kick {
+                    self.kick(q);
+                }
+                let Some(f) = finished else { break };
+                f.finish(q, &self.stats);
             }
         }
         // SAFETY: this is the watchdog.
