@@ -4,6 +4,11 @@
 # at QD1 and libaio and io_uring at QD1/8/32, with its own engines and with fio; this script
 # prints the rows of every boot as one table, then the QD32-over-QD1 speed-ups.
 #
+# The peer: for each fault setting, one more boot of the same kernel and initramfs runs the same
+# suite on QEMU's virtio-blk (`aiodma bench peer`: microvm on the same KVM, a null-co disk whose
+# per-request latency mirrors the delay fault), labelled vblk-*; the last lines compare the two.
+# BENCH_PEER=0 skips it.
+#
 #   images/bench-aio.sh                      (after `make image vmm`)
 #   BENCH_TIME=5 images/bench-aio.sh         seconds per point (default 2; 28 points per boot)
 #   BENCH_FAULTS='none delay:min=1ms,max=1ms,every=1' images/bench-aio.sh
@@ -30,7 +35,24 @@ label_of() {
     echo "${spec%%:*}$min"
 }
 
+# The peer's per-request latency in microseconds: a delay fault's min= ("100us", "1ms"), else 0.
+peer_latency_us() {
+    local spec=$1 min
+    case "$spec" in delay:*min=*) ;; *) echo 0; return ;; esac
+    min=${spec#*min=}; min=${min%%,*}
+    case "$min" in
+        *us) echo "${min%us}" ;;
+        *ms) echo $(( ${min%ms} * 1000 )) ;;
+        *s) echo $(( ${min%s} * 1000000 )) ;;
+        *ns) echo $(( ${min%ns} / 1000 )) ;;
+        *) echo "$min" ;;
+    esac
+}
+peer=${BENCH_PEER:-1}
+
 n=0
+pairs=()
+labels=()
 for fault in "${faults[@]}"; do
     label=$(label_of "$fault")
     flags=(--timeout "$limit" --initrd images/out/fio.cpio.gz)
@@ -42,12 +64,58 @@ for fault in "${faults[@]}"; do
         echo "[bench] fault '$fault': the guest run failed" >&2
         exit 1
     fi
+    labels[n]=$label
+    n=$((n + 1))
+    [ "$peer" = 1 ] || continue
+    lat=$(peer_latency_us "$fault")
+    plabel=vblk-${label#delay-}
+    echo "[bench] peer: QEMU virtio-blk, ${lat} us per request, same suite" >&2
+    if ! "$aiodma" bench peer --timeout "$limit" --latency-us "$lat" --initrd images/out/fio.cpio.gz \
+            -- aiodma-aio bench-suite --dev /dev/vda --time "$time" --label "$plabel" --no-header \
+            > "$work/$n.out" 2> "$work/$n.err"; then
+        cat "$work/$n.err" "$work/$n.out" >&2
+        echo "[bench] peer for fault '$fault': the guest run failed" >&2
+        exit 1
+    fi
+    pairs+=("$label $plabel")
+    labels[n]=$plabel
     n=$((n + 1))
 done
 
 if grep -q 'emulated host' "$work/0.err"; then
     echo "# measured in the emulated host (QEMU TCG + nested KVM): absolute numbers are emulation-bound"
 fi
+if [ "$peer" = 1 ]; then
+    echo "# vblk-*: the peer, QEMU virtio-blk (null-co disk, the delay as its latency-ns) on the same guest kernel and KVM"
+fi
 grep -m1 '^fault ' "$work/0.out"
-for ((i = 0; i < n; i++)); do grep -v -e '^fault ' -e '^#' -e '^$' "$work/$i.out" || true; done
+# Only the rows (first field: the boot's label), not whatever else the console printed.
+for ((i = 0; i < n; i++)); do grep "^${labels[$i]} " "$work/$i.out" || true; done
 for ((i = 0; i < n; i++)); do grep '^#' "$work/$i.out" || true; done
+
+# aiodma next to the peer, same points: IOPS ratios (above 1: aiodma is faster).
+for pair in "${pairs[@]}"; do
+    read -r ours theirs <<< "$pair"
+    for ((i = 0; i < n; i++)); do grep "^${labels[$i]} " "$work/$i.out" || true; done |
+        awk -v a="$ours" -v b="$theirs" '
+            $1 == a || $1 == b { iops[$1 " " $2 " " $3 " " $5 " " $6] = $7 }
+            END {
+                split("aiodma-aio fio", tools, " ")
+                split("randread randwrite", rws, " ")
+                for (t = 1; t <= 2; t++) for (r = 1; r <= 2; r++) {
+                    sync = tools[t] == "fio" ? "psync" : "sync"
+                    line = ""
+                    split(sync " libaio uring", engines, " ")
+                    for (e = 1; e <= 3; e++) {
+                        qd = e == 1 ? 1 : 32
+                        k = tools[t] " " engines[e] " " qd " " rws[r]
+                        if ((a " " k) in iops && (b " " k) in iops && iops[b " " k] > 0)
+                            line = line sprintf("%s%s QD%d %.2fx", line == "" ? "" : ", ",
+                                                engines[e], qd, iops[a " " k] / iops[b " " k])
+                    }
+                    if (line != "")
+                        printf "# %s vs %s (aiodma / QEMU virtio-blk IOPS) %s %s: %s\n",
+                               a, b, tools[t], rws[r], line
+                }
+            }'
+done

@@ -89,9 +89,46 @@ fn make_bench_table_has_every_engine_and_depth() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let report = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{report}");
+    // Our device's rows, then the peer's (QEMU virtio-blk with the same 100 us per request).
+    for label in ["delay-100us", "vblk-100us"] {
+        assert_rows(&stdout, label, &report);
+    }
+    assert!(
+        stdout.lines().any(|l| l.starts_with("fault ")),
+        "no header\n{report}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("# delay-100us aiodma-aio randread: vs sync QD1")),
+        "no speed-up line\n{report}"
+    );
+    let versus = stdout
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                "# delay-100us vs vblk-100us (aiodma / QEMU virtio-blk IOPS) fio randread:",
+            )
+        })
+        .unwrap_or_else(|| panic!("no aiodma-vs-peer line\n{report}"));
+    let ratios: Vec<f64> = versus
+        .split_whitespace()
+        .filter_map(|w| w.trim_end_matches(',').strip_suffix('x'))
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    assert_eq!(
+        ratios.len(),
+        3,
+        "psync, libaio and uring ratios in {versus:?}"
+    );
+    assert!(ratios.iter().all(|r| *r > 0.0), "{versus:?}");
+}
+
+/// Every engine and depth of the suite has a row labelled `label` with a positive IOPS.
+fn assert_rows(stdout: &str, label: &str, report: &str) {
     let rows: Vec<Vec<&str>> = stdout
         .lines()
-        .filter(|l| l.starts_with("delay-100us "))
+        .filter(|l| l.starts_with(&format!("{label} ")))
         .map(|l| l.split_whitespace().collect())
         .collect();
     for tool in ["aiodma-aio", "fio"] {
@@ -113,19 +150,55 @@ fn make_bench_table_has_every_engine_and_depth() {
                         && r[5] == rw
                         && r[6].parse::<f64>().is_ok_and(|v| v > 0.0)
                 });
-                assert!(found, "no {tool} {engine} QD{qd} {rw} row\n{report}");
+                assert!(
+                    found,
+                    "no {label} {tool} {engine} QD{qd} {rw} row\n{report}"
+                );
             }
         }
     }
-    assert_eq!(rows.len(), 28, "{report}");
+    assert_eq!(rows.len(), 28, "{label} rows\n{report}");
+}
+
+#[test]
+fn peer_runs_the_guest_command_on_qemu_virtio_blk() {
+    // The same kernel and initramfs under QEMU with a 64 MiB null-co disk: /dev/vda is there
+    // (131072 sectors), no aiodma device is, and the command's exit status comes back.
+    let out = Command::new(aiodma_bin())
+        .current_dir(repo_root())
+        .args([
+            "bench",
+            "peer",
+            "--timeout",
+            "120",
+            "--latency-us",
+            "50",
+            "--",
+        ])
+        .args([
+            "sh",
+            "-c",
+            "echo vda=$(cat /sys/block/vda/size); ls /dev/aiodma0 2>/dev/null; \
+             dd if=/dev/vda of=/dev/null bs=4k count=16 2>&1 | grep -c 'records out'; exit 3",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(3), "{report}");
+    assert!(stdout.contains("vda=131072"), "{report}");
+    assert!(!stdout.contains("/dev/aiodma0"), "{report}");
     assert!(
-        stdout.lines().any(|l| l.starts_with("fault ")),
-        "no header\n{report}"
+        stdout.lines().any(|l| l.trim() == "1"),
+        "dd did not finish\n{report}"
     );
-    assert!(
-        stdout
-            .lines()
-            .any(|l| l.starts_with("# delay-100us aiodma-aio randread: vs sync QD1")),
-        "no speed-up line\n{report}"
-    );
+
+    let bad = Command::new(aiodma_bin())
+        .args(["bench", "peer", "--latency-us", "soon", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--latency-us"), "{err}");
 }

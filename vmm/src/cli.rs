@@ -68,6 +68,50 @@ pub enum BenchCommand {
     /// Boot time and VMM memory of aiodma next to QEMU's microvm (same kernel, initramfs and
     /// guest command, same place), as medians.
     Boot(BootBenchArgs),
+    /// Run a guest command under QEMU (KVM, microvm) with a virtio-blk disk at /dev/vda in
+    /// place of our device: the peer for side-by-side I/O benchmarks (same kernel, initramfs
+    /// and place). Exit codes as for `run`.
+    Peer(PeerArgs),
+}
+
+/// `aiodma bench peer` flags.
+#[derive(Debug, Clone, Args)]
+pub struct PeerArgs {
+    /// Extra cpio archive appended after the base initramfs (repeatable), as for `run`.
+    #[arg(long = "initrd", value_name = "PATH")]
+    pub initrds: Vec<PathBuf>,
+
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub cpus: u8,
+
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(64..=1 << 20))]
+    pub memory: u64,
+
+    /// Service time of every disk request, in microseconds (QEMU null-co's latency-ns), to
+    /// mirror a `delay` fault on our device.
+    #[arg(long, value_name = "US", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub latency_us: u64,
+
+    /// Disk size in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub disk: u64,
+
+    /// Stop the guest after SECS seconds (exit code 124). 0 means no limit.
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub timeout: u64,
+
+    /// Where KVM comes from (see `aiodma run --help`).
+    #[arg(long, value_enum, default_value = "auto", env = "AIODMA_HOST")]
+    pub host: HostMode,
+
+    /// Command to run in the guest (after `--`).
+    #[arg(last = true, value_name = "GUEST_COMMAND", required = true)]
+    pub command: Vec<String>,
 }
 
 /// `aiodma bench boot` flags.

@@ -14,5 +14,6 @@ pub mod devices;
 pub mod exit;
 pub mod host;
 pub mod metrics;
+pub mod peer;
 pub mod vmm;
 pub mod vstate;

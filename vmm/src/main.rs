@@ -7,10 +7,11 @@ use std::time::Instant;
 use clap::Parser;
 
 use aiodma_vmm::bench::{self, BootBench};
-use aiodma_vmm::cli::{BenchCommand, BootBenchArgs, Cli, Command, HostMode, RunArgs};
-use aiodma_vmm::config::{images_dir, VmConfig};
+use aiodma_vmm::cli::{BenchCommand, BootBenchArgs, Cli, Command, HostMode, PeerArgs, RunArgs};
+use aiodma_vmm::config::{build_cmdline, images_dir, VmConfig};
 use aiodma_vmm::exit::{StopReason, EXIT_BAD_INPUT, EXIT_KVM_FAILURE};
 use aiodma_vmm::host::{self, emulated, KvmVerdict};
+use aiodma_vmm::peer::{self, PeerRun};
 use aiodma_vmm::vmm;
 
 fn init_logging(level: log::LevelFilter) {
@@ -179,6 +180,43 @@ fn bench_boot(args: &BootBenchArgs) -> u8 {
     )
 }
 
+fn bench_peer(args: &PeerArgs) -> u8 {
+    let images = images_dir();
+    let kernel = images.join("bzImage");
+    let mut initrds = vec![images.join("initramfs.cpio.gz")];
+    initrds.extend(args.initrds.iter().cloned());
+    for path in std::iter::once(&kernel).chain(&initrds) {
+        if let Err(e) = std::fs::File::open(path) {
+            log::error!("{}: {e}", path.display());
+            return EXIT_BAD_INPUT;
+        }
+    }
+    // The guest has no aiodma device: skip the module.
+    let extra = format!("aiodma.nomodule {}", peer::DISK_TRANSPORT);
+    let cmdline = match build_cmdline(Some(&extra), &args.command) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("{e}");
+            return EXIT_BAD_INPUT;
+        }
+    };
+    let timeout = (args.timeout > 0).then(|| std::time::Duration::from_secs(args.timeout));
+    let run = PeerRun {
+        kernel,
+        initrds,
+        cpus: args.cpus,
+        memory_mib: args.memory,
+        latency: std::time::Duration::from_micros(args.latency_us),
+        disk_mib: args.disk,
+        cmdline,
+        timeout,
+        hide_xsave: std::env::var_os(host::IN_EMULATED_HOST_ENV).is_some(),
+    };
+    on_host(args.host, args.memory, false, Vec::new(), timeout, || {
+        peer::run(&run)
+    })
+}
+
 /// Report a command-line error. A bad flag value (a failed value parser or range) is one line
 /// naming the flag and the bad part, exit code 2; other usage errors keep clap's usage text.
 fn command_line_error(e: clap::Error) -> ! {
@@ -201,6 +239,7 @@ fn main() -> ExitCode {
     let code = match &cli.command {
         Command::Run(args) => run(args, vmm_start),
         Command::Bench(BenchCommand::Boot(args)) => bench_boot(args),
+        Command::Bench(BenchCommand::Peer(args)) => bench_peer(args),
     };
     ExitCode::from(code)
 }

@@ -5,7 +5,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::aio;
-use crate::util::{device_info, open_dev, res_name, AlignedBuf, Percentiles, Rng};
+use crate::util::{device_size, open_dev, res_name, AlignedBuf, Percentiles, Rng};
 
 /// How requests are issued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -458,7 +458,7 @@ pub fn run(o: &BenchOpts) -> Result<Row, String> {
     }
     let file = open_dev(&o.dev, if o.direct { libc::O_DIRECT } else { 0 })?;
     let fd = file.as_raw_fd();
-    let cap = device_info(fd)?.capacity;
+    let cap = device_size(fd)?;
     let span = o.span.unwrap_or(cap).min(cap);
     let slots = span / o.bs as u64;
     if slots == 0 {

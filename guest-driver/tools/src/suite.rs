@@ -76,7 +76,7 @@ pub fn run(o: &SuiteOpts) -> Result<(), String> {
     if o.fio && Path::new("/usr/bin/fio").exists() {
         for rw in ["randread", "randwrite"] {
             let job = Path::new(&o.fio_dir).join(format!("bench-{rw}.fio"));
-            for row in run_fio(&job, o.time)? {
+            for row in run_fio(&job, &o.dev, o.time)? {
                 emit(o, &row);
                 rows.push(row);
             }
@@ -120,21 +120,28 @@ fn speedups(rows: &[Row], label: &str) -> Vec<String> {
     out
 }
 
-/// Run one fio job file (its `runtime=` replaced by `time`) and turn each job into a row.
-fn run_fio(job: &Path, time: Duration) -> Result<Vec<Row>, String> {
-    let text = std::fs::read_to_string(job).map_err(|e| format!("{}: {e}", job.display()))?;
-    let runtime = format!("runtime={}ms", time.as_millis().max(1));
-    let text: String = text
-        .lines()
+/// A fio job file with its `filename=` set to `dev` and its `runtime=` to `time`.
+pub fn adapt_fio_job(text: &str, dev: &str, time: Duration) -> String {
+    text.lines()
         .map(|l| {
-            if l.trim_start().starts_with("runtime=") {
-                runtime.clone()
+            let key = l.trim_start();
+            if key.starts_with("runtime=") {
+                format!("runtime={}ms", time.as_millis().max(1))
+            } else if key.starts_with("filename=") {
+                format!("filename={dev}")
             } else {
                 l.to_string()
             }
         })
         .collect::<Vec<_>>()
-        .join("\n");
+        .join("\n")
+}
+
+/// Run one fio job file on `dev` (its `runtime=` replaced by `time`) and turn each job into a
+/// row.
+fn run_fio(job: &Path, dev: &str, time: Duration) -> Result<Vec<Row>, String> {
+    let text = std::fs::read_to_string(job).map_err(|e| format!("{}: {e}", job.display()))?;
+    let text = adapt_fio_job(&text, dev, time);
     let name = job
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -216,6 +223,15 @@ pub fn parse_fio_json(text: &str) -> Result<Vec<Row>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fio_job_follows_the_device_and_time() {
+        let job = "[global]\nfilename=/dev/aiodma0\nruntime=2\n[a]\niodepth=1";
+        assert_eq!(
+            adapt_fio_job(job, "/dev/vda", Duration::from_millis(1500)),
+            "[global]\nfilename=/dev/vda\nruntime=1500ms\n[a]\niodepth=1"
+        );
+    }
 
     #[test]
     fn fio_json_rows() {

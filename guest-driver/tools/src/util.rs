@@ -61,6 +61,19 @@ pub fn device_info(fd: RawFd) -> Result<abi::DeviceInfo, String> {
     Ok(info)
 }
 
+/// The size of a device file: /dev/aiodma0 and block devices (a peer's /dev/vda) both report
+/// it at SEEK_END.
+pub fn device_size(fd: RawFd) -> Result<u64, String> {
+    // SAFETY: lseek on a descriptor we hold; the position is put back before returning.
+    let end = unsafe { libc::lseek(fd, 0, libc::SEEK_END) };
+    // SAFETY: as above.
+    let back = unsafe { libc::lseek(fd, 0, libc::SEEK_SET) };
+    if end < 0 || back < 0 {
+        return Err(format!("lseek: {}", std::io::Error::last_os_error()));
+    }
+    Ok(end as u64)
+}
+
 /// A zeroed heap buffer aligned to 4 KiB, handed to the kernel by raw pointer (asynchronous
 /// requests write into it behind Rust's back, so it is never borrowed while one is in flight).
 #[derive(Debug)]
