@@ -871,7 +871,10 @@ impl AioDev {
                             n += 1;
                         }
                     }
+                    // Only a request with parts on the device can be the device's fault (one
+                    // waiting for ring room is waiting for other requests).
                     if !matches!(r.waiter, Waiter::Gone)
+                        && r.in_flight > 0
                         && r.started.elapsed().as_millis() > i64::from(self.timeout_ms)
                     {
                         expired = true;

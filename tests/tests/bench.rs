@@ -71,9 +71,6 @@ fn bench_prints_rows_json_and_rejects_bad_usage() {
 }
 
 #[test]
-#[ignore = "intermittent: once in ~7 runs the bench-suite guest (100 us delay fault, fio + \
-            aiodma-aio) stopped making progress and the boot sat until its timeout; cause not yet \
-            known (see the issue note). Run with --ignored."]
 fn make_bench_table_has_every_engine_and_depth() {
     // The script `make bench` runs, with one (delayed) fault setting and short points.
     artifact("fio.cpio.gz");

@@ -38,11 +38,17 @@ pub const LEVEL1_HEADROOM_MIB: u64 = 512;
 pub const LEVEL1_GRACE: Duration = Duration::from_secs(60);
 /// The line `/l1init` prints once the host's files are mounted, just before the inner run.
 pub const READY_MARKER: &str = "aiodma-l1: ready";
+/// Set (to anything): a level-1 reset pauses level 1 instead of ending it, so the level-0
+/// watchdog's monitor dump shows the vCPUs as they were (for debugging the emulator).
+pub const PAUSE_ON_RESET_ENV: &str = "AIODMA_L1_PAUSE_ON_RESET";
 /// Colon-separated host directories the inner run may write to.
 pub const WRITABLE_ENV: &str = "AIODMA_WRITABLE";
 const QEMU: &str = "qemu-system-x86_64";
 /// QEMU's human monitor, in the job directory: asked where level 1's vCPUs are if it hangs.
 const MONITOR_SOCKET: &str = "monitor.sock";
+/// QEMU's log of level-1 CPU resets (`-d cpu_reset`), in the job directory: a triple fault
+/// there is how a level-1 kernel dies without a word.
+const RESET_LOG: &str = "qemu-reset.log";
 
 /// Why the emulated host could not run.
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +218,10 @@ pub fn qemu_args(
             "unix:{},server=on,wait=off",
             job_dir.join(MONITOR_SOCKET).display()
         ),
+        "-d".into(),
+        "cpu_reset".into(),
+        "-D".into(),
+        job_dir.join(RESET_LOG).display().to_string(),
         "-fsdev".into(),
         "local,id=host,path=/,security_model=none,readonly=on,multidevs=remap".into(),
         "-device".into(),
@@ -232,6 +242,11 @@ pub fn qemu_args(
         ));
         args.push("-device".into());
         args.push(format!("virtio-9p-device,fsdev=w{i},mount_tag=w{i}"));
+    }
+    if std::env::var_os(PAUSE_ON_RESET_ENV).is_some() {
+        // Debugging the emulator: a level-1 reset freezes level 1 as it was, for the watchdog's
+        // monitor dump, instead of ending QEMU.
+        args.extend(["-action".into(), "shutdown=pause".into()]);
     }
     args.extend(["-kernel".into(), l1.kernel.display().to_string()]);
     args.extend(["-initrd".into(), l1.initrd.display().to_string()]);
@@ -437,14 +452,55 @@ pub fn run(l1: &Level1, args: &[OsString]) -> Result<u8, EmulatedError> {
                 detail: format!(": unreadable status {text:?}"),
             }),
         },
-        Err(_) => Err(EmulatedError::NoStatus {
-            qemu: status.to_string(),
-            detail: if prelude.is_empty() {
-                String::new()
-            } else {
-                format!("; level 1 said: {}", prelude.join(" | "))
-            },
-        }),
+        Err(_) => {
+            let reset_log = std::fs::read_to_string(job.0.join(RESET_LOG)).unwrap_or_default();
+            let map = l1
+                .system_map
+                .as_ref()
+                .and_then(|p| std::fs::read_to_string(p).ok());
+            let mut detail = reset_cause(&reset_log, map.as_deref());
+            // Keep the full register dumps for whoever debugs the emulator.
+            if !reset_log.is_empty() {
+                let kept = std::env::temp_dir()
+                    .join(format!("aiodma-l1-reset.{}.log", std::process::id()));
+                if std::fs::write(&kept, &reset_log).is_ok() {
+                    detail.push_str(&format!(" (QEMU's reset log: {})", kept.display()));
+                }
+            }
+            if !prelude.is_empty() {
+                detail.push_str(&format!("; level 1 said: {}", prelude.join(" | ")));
+            }
+            Err(EmulatedError::NoStatus {
+                qemu: status.to_string(),
+                detail,
+            })
+        }
+    }
+}
+
+/// Why level 1 went away, from QEMU's `-d cpu_reset` log: a triple fault (and where the vCPU
+/// was just before), or a reset requested some other way. The first reset of every vCPU is
+/// QEMU's own at start-up.
+fn reset_cause(log: &str, system_map: Option<&str>) -> String {
+    let triple = log.contains("Triple fault");
+    // Each reset dumps the registers as they were; the last dump is the one that ended it.
+    let last_rip = log
+        .lines()
+        .filter(|l| l.starts_with("RIP=") || l.starts_with("EIP="))
+        .last()
+        .and_then(|l| l.split_whitespace().next())
+        .map(|f| f.replacen("EIP=", "RIP=", 1));
+    let resets = log.matches("CPU Reset").count();
+    let at = last_rip
+        .as_ref()
+        .map(|rip| format!(" at {}", name_rip(rip, system_map)))
+        .unwrap_or_default();
+    if triple {
+        format!(": the level-1 kernel triple-faulted{at}")
+    } else if resets > 0 && last_rip.is_some() {
+        format!(": level 1 reset{at}")
+    } else {
+        String::new()
     }
 }
 
@@ -689,6 +745,23 @@ mod tests {
             ]
         );
         assert!(parse_vcpu_states("(qemu) ").is_empty());
+    }
+
+    #[test]
+    fn a_triple_fault_is_named_with_where_it_happened() {
+        let map = "ffffffff81000000 T _stext\nffffffff81500000 t svm_vcpu_run\n";
+        let log = "CPU Reset (CPU 0)\nEAX=00000000 EBX=00000000\nEIP=0000fff0 EFL=00000002\n\
+                   Triple fault\nCPU Reset (CPU 1)\nRAX=0000000000000000\n\
+                   RIP=ffffffff81500010 RFL=00000046 [---Z-P-] CPL=0\n";
+        assert_eq!(
+            reset_cause(log, Some(map)),
+            ": the level-1 kernel triple-faulted at RIP=ffffffff81500010(svm_vcpu_run+0x10)"
+        );
+        assert_eq!(
+            reset_cause("CPU Reset (CPU 0)\nRIP=0000000000001000 RFL=2\n", None),
+            ": level 1 reset at RIP=0000000000001000"
+        );
+        assert_eq!(reset_cause("", None), "");
     }
 
     #[test]
