@@ -478,30 +478,20 @@ pub fn run(l1: &Level1, args: &[OsString]) -> Result<u8, EmulatedError> {
     }
 }
 
-/// Why level 1 went away, from QEMU's `-d cpu_reset` log: a triple fault (and where the vCPU
-/// was just before), or a reset requested some other way. The first reset of every vCPU is
-/// QEMU's own at start-up.
+/// Why level 1 went away, from QEMU's `-d cpu_reset` log: a triple fault, with where the vCPU
+/// was if a register dump follows it (QEMU dumps registers on each vCPU reset, including the
+/// ones at start-up, and with `-no-reboot` there is no reset after a triple fault).
 fn reset_cause(log: &str, system_map: Option<&str>) -> String {
-    let triple = log.contains("Triple fault");
-    // Each reset dumps the registers as they were; the last dump is the one that ended it.
-    let last_rip = log
+    let Some(at) = log.find("Triple fault") else {
+        return String::new();
+    };
+    let rip = log[at..]
         .lines()
-        .filter(|l| l.starts_with("RIP=") || l.starts_with("EIP="))
-        .last()
+        .find(|l| l.starts_with("RIP="))
         .and_then(|l| l.split_whitespace().next())
-        .map(|f| f.replacen("EIP=", "RIP=", 1));
-    let resets = log.matches("CPU Reset").count();
-    let at = last_rip
-        .as_ref()
         .map(|rip| format!(" at {}", name_rip(rip, system_map)))
         .unwrap_or_default();
-    if triple {
-        format!(": the level-1 kernel triple-faulted{at}")
-    } else if resets > 0 && last_rip.is_some() {
-        format!(": level 1 reset{at}")
-    } else {
-        String::new()
-    }
+    format!(": the level-1 kernel triple-faulted{rip}")
 }
 
 /// Wait for QEMU; past `limit`, ask its monitor where the vCPUs are and kill it. Returns QEMU's
@@ -750,18 +740,20 @@ mod tests {
     #[test]
     fn a_triple_fault_is_named_with_where_it_happened() {
         let map = "ffffffff81000000 T _stext\nffffffff81500000 t svm_vcpu_run\n";
-        let log = "CPU Reset (CPU 0)\nEAX=00000000 EBX=00000000\nEIP=0000fff0 EFL=00000002\n\
-                   Triple fault\nCPU Reset (CPU 1)\nRAX=0000000000000000\n\
-                   RIP=ffffffff81500010 RFL=00000046 [---Z-P-] CPL=0\n";
+        let start = "CPU Reset (CPU 0)\nEIP=0000fff0 EFL=00000002\nCPU Reset (CPU 1)\n\
+                     RIP=0000000000001000 RFL=00000002\n";
         assert_eq!(
-            reset_cause(log, Some(map)),
+            reset_cause(&format!("{start}Triple fault\n"), Some(map)),
+            ": the level-1 kernel triple-faulted"
+        );
+        let dumped = format!(
+            "{start}Triple fault\nCPU Reset (CPU 0)\nRIP=ffffffff81500010 RFL=00000046 CPL=0\n"
+        );
+        assert_eq!(
+            reset_cause(&dumped, Some(map)),
             ": the level-1 kernel triple-faulted at RIP=ffffffff81500010(svm_vcpu_run+0x10)"
         );
-        assert_eq!(
-            reset_cause("CPU Reset (CPU 0)\nRIP=0000000000001000 RFL=2\n", None),
-            ": level 1 reset at RIP=0000000000001000"
-        );
-        assert_eq!(reset_cause("", None), "");
+        assert_eq!(reset_cause(start, None), "");
     }
 
     #[test]
