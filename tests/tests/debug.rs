@@ -66,3 +66,14 @@ fn aio_paths_and_recovery_are_clean_under_lockdep() {
         .count();
     assert_eq!(verified, 5, "{}", out.report());
 }
+
+#[test]
+fn file_semantics_and_waves_are_clean_under_lockdep() {
+    // The edge checks include a 4 MiB kiocb by libaio and by io_uring, which the driver sends
+    // in waves from its completion path (threaded IRQ, queue lock): lockdep and the atomic-
+    // sleep checker watch that path here.
+    let out = debug_guest().flag("--cpus").flag("2").sh("aiodma-aio edge");
+    out.assert_code(0);
+    out.assert_stdout_contains("PASS large-async");
+    out.assert_stdout_contains(" 0 failed");
+}
