@@ -59,7 +59,7 @@ boot() {
     "$@" > "$out" 2> "$err" || rc=$?
     if { [ "$rc" = 3 ] && grep -q 'emulated host stopped without an exit status' "$err"; } ||
        { [ "$rc" = 124 ] && grep -q 'the emulated host did not finish within' "$err"; }; then
-        echo "[bench] the emulated host failed ($(grep -m1 -o 'emulated host [^(]*' "$err")); once more" >&2
+        echo "[bench] $(grep -m1 -o 'error: .*' "$err"); once more" >&2
         rc=0
         "$@" > "$out" 2> "$err" || rc=$?
     fi
