@@ -41,6 +41,8 @@ pub const READY_MARKER: &str = "aiodma-l1: ready";
 /// Set (to anything): a level-1 reset pauses level 1 instead of ending it, so the level-0
 /// watchdog's monitor dump shows the vCPUs as they were (for debugging the emulator).
 pub const PAUSE_ON_RESET_ENV: &str = "AIODMA_L1_PAUSE_ON_RESET";
+/// Extra level-1 kernel command-line parameters (e.g. `kvm_amd.npt=0`).
+pub const L1_APPEND_ENV: &str = "AIODMA_L1_APPEND";
 /// Colon-separated host directories the inner run may write to.
 pub const WRITABLE_ENV: &str = "AIODMA_WRITABLE";
 const QEMU: &str = "qemu-system-x86_64";
@@ -182,6 +184,11 @@ pub fn qemu_args(
         append.push_str(&format!(" tsc_early_khz={khz}"));
     }
     append.push_str(&format!(" aiodma.job={}", job_dir.display()));
+    if let Some(extra) = std::env::var_os(L1_APPEND_ENV) {
+        // Level-1 kernel parameters for experiments (e.g. kvm_amd's module parameters).
+        append.push(' ');
+        append.push_str(&extra.to_string_lossy());
+    }
     let mut args: Vec<String> = vec![
         "-accel".into(),
         "tcg,thread=multi".into(),
@@ -401,11 +408,24 @@ pub fn run(l1: &Level1, args: &[OsString]) -> Result<u8, EmulatedError> {
     log::debug!("{} {:?}", qemu.display(), qemu_argv);
 
     let started = Instant::now();
-    let child = Command::new(&qemu)
+    let mut command = Command::new(&qemu);
+    command
         .args(&qemu_argv)
         .stdin(Stdio::inherit())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    // SAFETY: the closure runs in the forked child before exec and only makes one
+    // async-signal-safe system call.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            // Level 1 dies with us: a killed `aiodma` (a test's timeout, ^C) leaves no QEMU behind.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let child = command
         .spawn()
         .map_err(|e| EmulatedError::Io("start QEMU", e))?;
     drop(err_writer);
