@@ -2,8 +2,9 @@
 //!
 //! Level 0 (this process) starts QEMU with the project's own kernel (built with KVM_AMD and 9p)
 //! and initramfs, entering through `/l1init` (`images/l1init`). QEMU choices, each on purpose:
-//! - `-accel tcg,thread=multi -cpu max`: software emulation of an AMD CPU with SVM + NPT, so
-//!   `kvm_amd` inside gives real, nested-paging KVM (TCG implements no Intel VMX).
+//! - `-accel tcg,thread=multi -cpu max`: software emulation of an AMD CPU with SVM, so
+//!   `kvm_amd` inside gives real KVM (TCG implements no Intel VMX). Level-1 KVM uses shadow
+//!   paging (`kvm_amd.npt=0`, see [`qemu_args`]): TCG's nested paging breaks under load.
 //! - `-M microvm,acpi=off,pit=on`: the smallest machine; virtio-mmio devices are announced on
 //!   the kernel command line; the PIT lets the TSC calibrate (and `tsc_early_khz` pins it, as
 //!   calibration under TCG fails in about 30% of boots without it).
@@ -177,8 +178,13 @@ pub fn qemu_args(
     cpus: usize,
     tsc_khz: Option<u64>,
 ) -> Vec<OsString> {
+    // kvm_amd.npt=0: level-1 KVM uses shadow paging instead of nested paging. TCG's emulation
+    // of nested paging breaks under sustained load: in an A/B run of the same 14-point
+    // bench-suite boot, 5 of 10 boots with NPT failed (guest stuck, level-2 or level-1 triple
+    // fault) and 0 of 10 without, which were also ~40% faster at QD32.
     let mut append = String::from(
-        "console=ttyS0 quiet panic=-1 reboot=t rdinit=/l1init initcall_blacklist=vt_init",
+        "console=ttyS0 quiet panic=-1 reboot=t rdinit=/l1init initcall_blacklist=vt_init \
+         kvm_amd.npt=0",
     );
     if let Some(khz) = tsc_khz {
         append.push_str(&format!(" tsc_early_khz={khz}"));
@@ -834,6 +840,7 @@ mod tests {
         assert!(joined.contains("file,id=err,path=/proc/self/fd/9"));
         let append = args.last().unwrap();
         assert!(append.contains("rdinit=/l1init"));
+        assert!(append.contains("kvm_amd.npt=0"));
         assert!(append.contains("tsc_early_khz=2600000"));
         assert!(append.contains("aiodma.job=/tmp/j"));
     }
