@@ -160,39 +160,41 @@ build_initramfs() {
     link_out "initramfs$(suffix).cpio.gz" "$out/initramfs.cpio.gz"
 }
 
-# fio and exactly the shared objects it loads, as a separate layer appended only when needed
-# (Linux unpacks concatenated cpio archives).
+# fio for the guest, built from source as one static binary without the optional engines
+# (rdma, rbd, gluster, nfs, pmem, xnvme, …; psync, libaio and io_uring are what the jobs use),
+# plus the job files: a small layer, appended to the initramfs only when needed (Linux unpacks
+# concatenated cpio archives). Debian's fio is dynamically linked against 60 libraries (33 MB).
+FIO_CONFIGURE=(--build-static --disable-native --disable-numa --disable-rdma --disable-rados
+    --disable-rbd --disable-http --disable-gfapi --disable-libnfs --disable-pmem --disable-xnvme
+    --disable-libzbc --disable-tcmalloc --disable-dfs --disable-shm)
 build_fio_layer() {
-    local start fio key out
+    local start src key out
     start=$(now_ns)
-    fio=$(command -v fio) || die "fio not installed (run images/deps.sh)"
-    local libs
-    libs=$(ldd "$fio" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u)
-    # shellcheck disable=SC2086
-    key=$(hash_inputs "$fio" $libs "$IMAGES/fio")
+    src=$(bash "$IMAGES/fio-src.sh")
+    key=$(hash_inputs "$(basename "$src")" "${FIO_CONFIGURE[*]}" "$(gcc -dumpfullversion)" \
+        /usr/lib/x86_64-linux-gnu/libaio.a /usr/lib/x86_64-linux-gnu/libz.a \
+        /usr/lib/x86_64-linux-gnu/libc.a "$IMAGES/fio")
     out="$AIODMA_CACHE/fio/$key"
     if [ -f "$out/fio.cpio.gz" ]; then
         step_done fio-layer cached "$start"
     else
-        local stage lib
+        local build stage logf
+        build=$(mktemp -d "$AIODMA_CACHE/fio-build.XXXXXX")
+        logf="$build.log"
+        # fio builds in its source directory: build in a copy.
+        cp -a "$src/." "$build/"
+        (cd "$build" && ./configure "${FIO_CONFIGURE[@]}" && make -j"$JOBS" fio) > "$logf" 2>&1 \
+            || { tail -n 30 "$logf" >&2; die "fio build failed (log: $logf)"; }
+        ldd "$build/fio" > /dev/null 2>&1 && die "fio was linked dynamically (log: $logf)"
         stage=$(mktemp -d)
         mkdir -p "$stage/usr/bin" "$stage/etc/fio"
-        install -m 0755 "$fio" "$stage/usr/bin/fio"
-        for lib in $libs; do
-            mkdir -p "$stage$(dirname "$lib")"
-            cp -L "$lib" "$stage$lib"
-        done
-        # The dynamic loader is found through /lib64 on x86_64; the base image has no /lib64.
-        if [ ! -e "$stage/lib64/ld-linux-x86-64.so.2" ]; then
-            mkdir -p "$stage/lib64"
-            cp -L /lib64/ld-linux-x86-64.so.2 "$stage/lib64/"
-        fi
-        cp "$IMAGES"/fio/*.fio "$stage/etc/fio/" 2>/dev/null || true
+        install -m 0755 -s "$build/fio" "$stage/usr/bin/fio"
+        cp "$IMAGES"/fio/*.fio "$stage/etc/fio/"
         mkdir -p "$out"
         (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 --reproducible) \
             | gzip -6n > "$out/fio.cpio.gz.tmp"
         (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort) > "$out/contents.txt"
-        rm -rf "$stage"
+        rm -rf "$stage" "$build" "$logf"
         mv "$out/fio.cpio.gz.tmp" "$out/fio.cpio.gz"
         step_done fio-layer built "$start"
     fi

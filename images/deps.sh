@@ -6,7 +6,8 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-# tool -> Debian package that provides it
+# tool -> Debian package that provides it (Debian's fio pins the version whose source the
+# guest's static fio is built from)
 declare -A TOOL_PKG=(
     [gcc]=gcc [make]=make [flex]=flex [bison]=bison [bc]=bc [cpio]=cpio [kmod]=kmod
     [busybox]=busybox-static [fio]=fio [xz]=xz-utils [qemu-system-x86_64]=qemu-system-x86
@@ -19,6 +20,8 @@ declare -A FILE_PKG=(
     [/usr/lib/llvm-19/lib/libclang.so]=libclang-19-dev
     [/usr/share/keyrings/debian-archive-keyring.gpg]=debian-archive-keyring
     [/usr/lib/x86_64-linux-gnu/libc.a]=libc6-dev
+    [/usr/lib/x86_64-linux-gnu/libaio.a]=libaio-dev
+    [/usr/lib/x86_64-linux-gnu/libz.a]=zlib1g-dev
 )
 BINDGEN_MIN=0.71.1
 

@@ -12,9 +12,6 @@ source "$(dirname "$0")/lib.sh"
 SERIES=${KERNEL_SERIES:-7.3}
 SUITE=${KERNEL_SUITE:-trixie-backports}
 PKG=linux-source-$SERIES
-KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
-# Where the machine's apt configuration lives (overridable for tests).
-APT_ETC=${AIODMA_APT_ETC:-/etc/apt}
 
 check_tree() {
     local dir=$1
@@ -31,55 +28,13 @@ if [ -n "${KERNEL_SRC:-}" ]; then
     exit 0
 fi
 
-# The URI of this machine's Debian archive: the first source entry whose suite is the release's
-# own codename (not -security/-updates), from deb822 .sources files or one-line sources.list.
-debian_mirror() {
-    local codename
-    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
-    [ -n "$codename" ] || return 1
-    local f
-    for f in "$APT_ETC"/sources.list.d/*.sources; do
-        [ -r "$f" ] || continue
-        awk -v cn="$codename" '
-            BEGIN { RS=""; FS="\n" }
-            {
-                uris=""; suites=""; types=""
-                for (i = 1; i <= NF; i++) {
-                    if ($i ~ /^URIs:/)   { sub(/^URIs:[ \t]*/, "", $i); uris=$i }
-                    if ($i ~ /^Suites:/) { sub(/^Suites:[ \t]*/, "", $i); suites=" " $i " " }
-                    if ($i ~ /^Types:/)  { types=$i }
-                }
-                if (types ~ /deb( |$)/ && suites ~ (" " cn " ")) { split(uris, u, " "); print u[1]; exit }
-            }' "$f"
-    done
-    for f in "$APT_ETC"/sources.list "$APT_ETC"/sources.list.d/*.list; do
-        [ -r "$f" ] || continue
-        awk -v cn="$codename" '$1 == "deb" {
-            i = 2; if ($i ~ /^\[/) { while ($i !~ /\]$/) i++; i++ }
-            if ($(i+1) == cn) { print $i; exit } }' "$f"
-    done
-}
-
 start=$(now_ns)
 mirror=$(debian_mirror | head -n1)
 [ -n "$mirror" ] || bad_input "no Debian mirror configured in $APT_ETC (needed to fetch $PKG); set KERNEL_SRC=<linux tree> instead"
 [ -r "$KEYRING" ] || die "missing $KEYRING (Debian package debian-archive-keyring)"
 
 apt_dir="$AIODMA_CACHE/apt"
-mkdir -p "$apt_dir/sources" "$apt_dir/lists/partial" "$apt_dir/archives/partial"
-cat > "$apt_dir/sources/aiodma-kernel.sources" <<SRC
-Types: deb
-URIs: $mirror
-Suites: $SUITE
-Components: main
-Signed-By: $KEYRING
-SRC
-apt_opts=(
-    -o "Dir::Etc::sourcelist=/dev/null" -o "Dir::Etc::sourceparts=$apt_dir/sources"
-    -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache::archives=$apt_dir/archives"
-    -o "Dir::Cache::pkgcache=" -o "Dir::Cache::srcpkgcache=" -o "APT::Get::List-Cleanup=0"
-    -o "Debug::NoLocking=1" -o "APT::Sandbox::User=root"
-)
+private_apt "$apt_dir" deb "$mirror" "$SUITE"
 # Refresh the private package list at most once a day.
 if [ -z "$(find "$apt_dir/lists" -maxdepth 1 -name '*Packages*' -mmin -1440 2>/dev/null)" ]; then
     apt-get "${apt_opts[@]}" -qq update >&2 || die "apt-get update for $SUITE failed (mirror from /etc/apt)"

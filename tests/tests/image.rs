@@ -135,31 +135,20 @@ fn base_initramfs_has_busybox_init_tools_and_module() {
 }
 
 #[test]
-fn fio_layer_has_fio_its_loader_and_libraries() {
-    let files = cpio_list(&artifact("fio.cpio.gz"));
+fn fio_layer_is_a_static_fio_and_the_job_files() {
+    let layer = artifact("fio.cpio.gz");
+    let files = cpio_list(&layer);
     assert!(files.contains("usr/bin/fio"), "{files:?}");
-    assert!(files.contains("lib64/ld-linux-x86-64.so.2"), "{files:?}");
-    // Every library the host's fio needs is in the layer.
-    let ldd = Command::new("ldd").arg("/usr/bin/fio").output().unwrap();
-    let ldd = String::from_utf8(ldd.stdout).unwrap();
-    let mut libs = 0;
-    for line in ldd.lines() {
-        if let Some(path) = line
-            .split("=>")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-        {
-            if path.starts_with('/') {
-                libs += 1;
-                let rel = path.trim_start_matches('/');
-                assert!(files.contains(rel), "fio layer lacks {path}");
-            }
-        }
+    for job in ["verify-libaio", "verify-io_uring", "verify-psync", "bench-randread"] {
+        assert!(files.contains(&format!("etc/fio/{job}.fio")), "{files:?}");
     }
+    // One static binary: no loader, no libraries.
     assert!(
-        libs > 3,
-        "fio should need several libraries, ldd says:\n{ldd}"
+        !files.iter().any(|f| f.contains("ld-linux") || f.contains(".so")),
+        "{files:?}"
     );
+    let size = std::fs::metadata(&layer).unwrap().len();
+    assert!(size < 8 << 20, "fio layer is {size} bytes");
 }
 
 #[test]
@@ -226,6 +215,27 @@ fn kernel_src_without_a_debian_mirror_says_so() {
         &[
             ("AIODMA_APT_ETC", apt.0.to_str().unwrap()),
             ("KERNEL_SRC", ""),
+        ],
+    );
+    assert_one_line_error(code, &err, "no Debian mirror configured");
+}
+
+#[test]
+fn fio_src_rejects_a_non_fio_directory_and_needs_a_mirror() {
+    let dir = TempDir::new("notfio");
+    std::fs::write(dir.0.join("configure"), "#!/bin/sh\n").unwrap();
+    let (code, err) = script("fio-src.sh", &[("FIO_SRC", dir.0.to_str().unwrap())]);
+    assert_one_line_error(code, &err, "not an fio source tree");
+
+    let apt = TempDir::new("noapt-fio");
+    std::fs::create_dir_all(apt.0.join("sources.list.d")).unwrap();
+    let cache = TempDir::new("nocache-fio");
+    let (code, err) = script(
+        "fio-src.sh",
+        &[
+            ("AIODMA_APT_ETC", apt.0.to_str().unwrap()),
+            ("AIODMA_CACHE", cache.0.to_str().unwrap()),
+            ("FIO_SRC", ""),
         ],
     );
     assert_one_line_error(code, &err, "no Debian mirror configured");
