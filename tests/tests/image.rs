@@ -139,12 +139,19 @@ fn fio_layer_is_a_static_fio_and_the_job_files() {
     let layer = artifact("fio.cpio.gz");
     let files = cpio_list(&layer);
     assert!(files.contains("usr/bin/fio"), "{files:?}");
-    for job in ["verify-libaio", "verify-io_uring", "verify-psync", "bench-randread"] {
+    for job in [
+        "verify-libaio",
+        "verify-io_uring",
+        "verify-psync",
+        "bench-randread",
+    ] {
         assert!(files.contains(&format!("etc/fio/{job}.fio")), "{files:?}");
     }
     // One static binary: no loader, no libraries.
     assert!(
-        !files.iter().any(|f| f.contains("ld-linux") || f.contains(".so")),
+        !files
+            .iter()
+            .any(|f| f.contains("ld-linux") || f.contains(".so")),
         "{files:?}"
     );
     let size = std::fs::metadata(&layer).unwrap().len();
