@@ -107,14 +107,25 @@ fn ours(b: &BootBench, exe: &Path) -> Result<BootSample, String> {
     })
 }
 
-/// QEMU's arguments for the same boot.
-pub fn qemu_args(b: &BootBench) -> Vec<OsString> {
-    let cpu = if b.hide_xsave { "host,-xsave" } else { "host" };
-    let mut args: Vec<OsString> = [
+/// QEMU microvm on KVM as a peer of our VMM: `machine` options, the CPU (without XSAVE where
+/// ours hides it), vCPUs and memory, the console on stdio and our exit port. The caller adds
+/// devices, kernel, initramfs and command line.
+pub fn microvm_peer_args(
+    machine: &str,
+    hide_xsave: bool,
+    cpus: u8,
+    memory_mib: u64,
+) -> Vec<OsString> {
+    let cpu = if hide_xsave { "host,-xsave" } else { "host" };
+    let exit_port = format!(
+        "isa-debug-exit,iobase={:#x},iosize=1",
+        aiodma_device::abi::platform::EXIT_PORT
+    );
+    [
         "-accel",
         "kvm",
         "-M",
-        "microvm,acpi=off",
+        machine,
         "-cpu",
         cpu,
         "-nodefaults",
@@ -125,13 +136,20 @@ pub fn qemu_args(b: &BootBench) -> Vec<OsString> {
         "-serial",
         "stdio",
         "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=1",
+        &exit_port,
+        "-smp",
+        &cpus.to_string(),
+        "-m",
+        &format!("{memory_mib}M"),
     ]
     .iter()
     .map(OsString::from)
-    .collect();
-    args.extend(["-smp".into(), b.cpus.to_string().into()]);
-    args.extend(["-m".into(), format!("{}M", b.memory_mib).into()]);
+    .collect()
+}
+
+/// QEMU's arguments for the same boot.
+pub fn qemu_args(b: &BootBench) -> Vec<OsString> {
+    let mut args = microvm_peer_args("microvm,acpi=off", b.hide_xsave, b.cpus, b.memory_mib);
     args.extend(["-kernel".into(), b.kernel.clone().into_os_string()]);
     args.extend(["-initrd".into(), b.initrd.clone().into_os_string()]);
     args.extend([

@@ -46,43 +46,32 @@ pub const DISK_TRANSPORT: &str = "virtio_mmio.device=512@0xfeb00e00:12";
 
 /// QEMU's arguments; `initrd` is the concatenated initramfs.
 pub fn qemu_args(p: &PeerRun, initrd: &Path) -> Vec<OsString> {
-    let cpu = if p.hide_xsave { "host,-xsave" } else { "host" };
-    let mut args: Vec<String> = [
-        "-accel",
-        "kvm",
-        "-M",
+    let mut args = crate::bench::microvm_peer_args(
         "microvm,acpi=off,auto-kernel-cmdline=off",
-        "-cpu",
-        cpu,
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-serial",
-        "stdio",
+        p.hide_xsave,
+        p.cpus,
+        p.memory_mib,
+    );
+    let disk = format!(
+        "driver=null-co,node-name=disk,size={},read-zeroes=on,latency-ns={}",
+        p.disk_mib << 20,
+        p.latency.as_nanos()
+    );
+    for arg in [
+        "-blockdev",
+        &disk,
         "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(["-smp".into(), p.cpus.to_string()]);
-    args.extend(["-m".into(), format!("{}M", p.memory_mib)]);
-    args.extend([
-        "-blockdev".into(),
-        format!(
-            "driver=null-co,node-name=disk,size={},read-zeroes=on,latency-ns={}",
-            p.disk_mib << 20,
-            p.latency.as_nanos()
-        ),
-        "-device".into(),
-        "virtio-blk-device,drive=disk".into(),
-    ]);
-    args.extend(["-kernel".into(), p.kernel.display().to_string()]);
-    args.extend(["-initrd".into(), initrd.display().to_string()]);
-    args.extend(["-append".into(), p.cmdline.clone()]);
-    args.into_iter().map(OsString::from).collect()
+        "virtio-blk-device,drive=disk",
+        "-kernel",
+        &p.kernel.display().to_string(),
+        "-initrd",
+        &initrd.display().to_string(),
+        "-append",
+        &p.cmdline,
+    ] {
+        args.push(arg.into());
+    }
+    args
 }
 
 /// The guest's exit status from QEMU's: `isa-debug-exit` makes QEMU exit with
