@@ -58,6 +58,9 @@ pub const LEVEL1_HUNG: &str = "the emulated host did not finish within";
 /// triple-faulted (exit 3).
 pub const LEVEL1_LOST: &str = "emulated host stopped without an exit status";
 
+/// `aiodma bench peer`'s verdict when QEMU stopped its guest on a KVM internal error (in the
+/// emulated host: the emulator's stale EXITINTINFO, which our VMM steps over).
+pub const PEER_STALE_EXITINTINFO: &str = "QEMU stopped its guest on a KVM internal error";
 /// `aiodma`'s log line when it runs in the emulated host.
 pub const IN_EMULATED_HOST: &str = "running in the emulated host";
 /// `aiodma`'s log line for a vCPU that hit a triple fault (or a reboot).
@@ -75,7 +78,8 @@ pub struct RunOutcome {
 }
 
 impl RunOutcome {
-    fn from_output(out: Output) -> Self {
+    /// The outcome of a finished `aiodma` process.
+    pub fn from_output(out: Output) -> Self {
         Self {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -90,7 +94,11 @@ impl RunOutcome {
     pub fn emulated_host_failure(&self) -> Option<&str> {
         match self.code {
             124 => self.stderr.lines().find(|l| l.contains(LEVEL1_HUNG)),
-            3 => self.stderr.lines().find(|l| l.contains(LEVEL1_LOST)),
+            3 => self.stderr.lines().find(|l| {
+                l.contains(LEVEL1_LOST)
+                    || (l.contains(PEER_STALE_EXITINTINFO)
+                        && self.stderr.contains(IN_EMULATED_HOST))
+            }),
             102 if self.stderr.contains(IN_EMULATED_HOST)
                 && !self.stdout.contains("Kernel panic")
                 && !self.stdout.contains("reboot: ") =>
@@ -286,6 +294,17 @@ mod tests {
         assert_eq!(outcome(102, lost).emulated_host_failure(), None);
         let kvm = "aiodma: error: KVM_RUN: exit reason FAIL_ENTRY";
         assert_eq!(outcome(3, kvm).emulated_host_failure(), None);
+        let peer = "aiodma: error: peer: QEMU stopped its guest on a KVM internal error (x)";
+        assert_eq!(
+            outcome(3, peer).emulated_host_failure(),
+            None,
+            "real KVM: no retry"
+        );
+        let peer_emulated = format!("aiodma: x; running in the emulated host\n{peer}");
+        assert_eq!(
+            outcome(3, &peer_emulated).emulated_host_failure(),
+            Some(peer)
+        );
 
         let reset = "aiodma: warning: vCPU 1: shutdown exit (triple fault or reboot) at rip 0xfff0";
         let emulated = format!("aiodma: not using this machine's KVM: x; running in the emulated host\n{reset}\naiodma: error: guest reset");

@@ -7,9 +7,11 @@
 //! then measure the virtqueue path plus the same service time, without a storage medium.
 
 use std::ffi::OsString;
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::exit::{EXIT_GUEST_RESET, EXIT_KVM_FAILURE, EXIT_TIMEOUT};
@@ -93,6 +95,32 @@ fn concat_initrds(layers: &[PathBuf], out: &Path) -> std::io::Result<()> {
     file.flush()
 }
 
+/// What QEMU prints when a vCPU stops on a KVM internal error (it then pauses the VM).
+const KVM_INTERNAL_ERROR: &str = "KVM internal error";
+/// The one-line verdict for it. In the emulated host this is TCG's stale EXITINTINFO: KVM
+/// reports an exit during event delivery (suberror 3) on an MMIO access, which our VMM's vCPU
+/// loop steps over and QEMU does not.
+pub const KVM_INTERNAL_ERROR_VERDICT: &str = "peer: QEMU stopped its guest on a KVM internal \
+    error (in the emulated host: the emulator's stale EXITINTINFO, which our VMM steps over)";
+
+/// Copy QEMU's stderr to ours, noting a KVM internal error.
+fn forward_stderr(from: impl std::io::Read, seen: &AtomicBool) {
+    let mut reader = std::io::BufReader::new(from);
+    let mut line = String::new();
+    let mut out = std::io::stderr();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line.contains(KVM_INTERNAL_ERROR) {
+            seen.store(true, Ordering::SeqCst);
+        }
+        let _ = out.write_all(line.as_bytes());
+    }
+}
+
 /// Run the guest under QEMU; returns `aiodma run`'s exit code for the same outcome.
 pub fn run(p: &PeerRun) -> u8 {
     let Some(qemu) = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
@@ -125,6 +153,7 @@ fn run_qemu(p: &PeerRun, qemu: &Path, initrd: &Path) -> u8 {
     let mut child = match Command::new(qemu)
         .args(qemu_args(p, initrd))
         .stdin(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
     {
         Ok(c) => c,
@@ -133,6 +162,14 @@ fn run_qemu(p: &PeerRun, qemu: &Path, initrd: &Path) -> u8 {
             return EXIT_KVM_FAILURE;
         }
     };
+    // QEMU pauses a VM whose vCPU hit a KVM internal error, forever: watch its stderr for that.
+    let internal_error = Arc::new(AtomicBool::new(false));
+    if let Some(stderr) = child.stderr.take() {
+        let seen = internal_error.clone();
+        let _ = std::thread::Builder::new()
+            .name("peer-stderr".into())
+            .spawn(move || forward_stderr(stderr, &seen));
+    }
     let deadline = p.timeout.map(|t| Instant::now() + t);
     let status = loop {
         match child.try_wait() {
@@ -142,6 +179,12 @@ fn run_qemu(p: &PeerRun, qemu: &Path, initrd: &Path) -> u8 {
                 log::error!("bench peer: wait for QEMU: {e}");
                 return EXIT_KVM_FAILURE;
             }
+        }
+        if internal_error.load(Ordering::SeqCst) {
+            let _ = child.kill();
+            let _ = child.wait();
+            log::error!("{KVM_INTERNAL_ERROR_VERDICT}");
+            return EXIT_KVM_FAILURE;
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             let _ = child.kill();
@@ -204,6 +247,18 @@ mod tests {
         assert!(joined.contains("-smp 2 -m 256M"));
         assert!(joined.contains("-initrd /tmp/i.cpio"));
         assert_eq!(args.last().unwrap(), "console=ttyS0 -- fio x");
+    }
+
+    #[test]
+    fn a_kvm_internal_error_on_stderr_is_noticed_and_forwarded() {
+        let seen = AtomicBool::new(false);
+        forward_stderr(&b"qemu: warning: x\n"[..], &seen);
+        assert!(!seen.load(Ordering::SeqCst));
+        forward_stderr(
+            &b"KVM internal error. Suberror: 3\nextra data[0]: 0x1\n"[..],
+            &seen,
+        );
+        assert!(seen.load(Ordering::SeqCst));
     }
 
     #[test]
