@@ -298,6 +298,15 @@ pub(crate) fn iter_len(it: *mut bindings::iov_iter) -> usize {
     }
 }
 
+/// The queue the watchdog runs on: the unbound system queue. 7.3 deprecates
+/// `system_unbound_wq` (the kernel warns once when it is used) in favour of `system_dfl_wq`,
+/// for which the Rust abstractions have no accessor yet.
+fn watchdog_queue() -> &'static workqueue::Queue {
+    // SAFETY: `system_dfl_wq` is a C global, set up at boot before any module loads and never
+    // freed.
+    unsafe { workqueue::Queue::from_raw(bindings::system_dfl_wq) }
+}
+
 /// Data descriptors and bytes per part, and parts of one request on the device at once:
 /// bounded by the device and by the ring, so that a request's parts in flight fit in half the
 /// ring together. A part takes at most a quarter of that half, so a large request keeps about
@@ -445,7 +454,7 @@ impl AioDev {
             GFP_KERNEL,
         )?;
         let _ =
-            workqueue::system_unbound().enqueue_delayed(dev.clone(), msecs_to_jiffies(WATCHDOG_MS));
+            watchdog_queue().enqueue_delayed(dev.clone(), msecs_to_jiffies(WATCHDOG_MS));
         Ok(dev)
     }
 
@@ -1065,7 +1074,7 @@ impl WorkItem for AioDev {
         this.watchdog_tick();
         if !this.dead.load(Acquire) {
             let _ =
-                workqueue::system_unbound().enqueue_delayed(this, msecs_to_jiffies(WATCHDOG_MS));
+                watchdog_queue().enqueue_delayed(this, msecs_to_jiffies(WATCHDOG_MS));
         }
     }
 }
