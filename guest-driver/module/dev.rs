@@ -130,9 +130,6 @@ struct QueueState {
     /// Request slots.
     requests: KVec<Option<Request>>,
     generations: KVec<u32>,
-    /// Bumped by every reset of the ring, so a submitter whose request a reset failed does
-    /// not publish it after it.
-    epoch: u64,
     /// Descriptor indices of the chain being published (capacity: the ring size, so no
     /// allocation under the lock).
     chain: KVec<u16>,
@@ -420,7 +417,7 @@ impl AioDev {
                 pin_init!(Queue {
                     index,
                     state <- new_spinlock_irq!(QueueState {
-                        ring: Some(ring), parts, requests, generations, epoch: 0, chain, part_limit
+                        ring: Some(ring), parts, requests, generations, chain, part_limit
                     }),
                     wait <- new_condvar!(),
                 }),
@@ -501,7 +498,6 @@ impl AioDev {
         let cpu = unsafe { bindings::raw_smp_processor_id() } as usize;
         &self.queues[cpu % self.queues.len()]
     }
-
 
     /// Submit one request. `iter` is the caller's buffer (None for FLUSH).
     ///
@@ -645,7 +641,6 @@ impl AioDev {
                 return Err(ERESTARTSYS);
             }
         };
-        let epoch = st.epoch;
         st.generations[slot] = st.generations[slot].wrapping_add(1);
         let generation = st.generations[slot];
         let is_async = pending.is_some();
@@ -677,15 +672,15 @@ impl AioDev {
             p.arm_cancel(cookie(q.index, slot, generation), aio_cancel);
         }
 
-        // Publish the first wave, unless a reset (or unbind) came in between: it already
-        // failed this request.
+        // Publish the first wave. A reset (or unbind) in between failed the request: an async
+        // one left the table (its slot is empty or someone else's now), a sync one waits
+        // there, finished, for the loop below; `publish_parts` sends nothing for either.
         let mut st = q.state.lock();
-        let ours = st.epoch == epoch
-            && st
-                .requests
-                .get(slot)
-                .and_then(Option::as_ref)
-                .is_some_and(|r| r.generation == generation);
+        let ours = st
+            .requests
+            .get(slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|r| r.generation == generation);
         if !ours {
             drop(st);
             if let Some(p) = pending {
@@ -760,17 +755,17 @@ impl AioDev {
 
     /// A part finished (under the queue lock): fold its result into its request; publish the
     /// request's next parts, or, once it is settled, take it apart for completion outside the
-    /// lock. Returns the finished request and whether the device needs a kick.
-    fn part_done(st: &mut QueueState, head: u16, status: u8, used_len: u32) -> (Option<Finished>, bool) {
+    /// lock. Returns whether the device needs a kick, and the finished request.
+    fn part_done(st: &mut QueueState, head: u16, status: u8, used_len: u32) -> (bool, Option<Finished>) {
         let Some(part) = st.parts.get_mut(usize::from(head)).and_then(Option::take) else {
-            return (None, false);
+            return (false, None);
         };
         if let Some(ring) = st.ring.as_mut() {
             ring.free_chain(head);
         }
         let slot = usize::from(part.request);
         let Some(req) = st.requests.get_mut(slot).and_then(Option::as_mut) else {
-            return (None, false);
+            return (false, None);
         };
         let res = status_to_result(status, part.len);
         if res < 0 {
@@ -780,17 +775,17 @@ impl AioDev {
         }
         req.in_flight = req.in_flight.saturating_sub(1);
         if req.wants_more() {
-            return (None, st.publish_parts(slot));
+            return (st.publish_parts(slot), None);
         }
         if !req.settled() {
-            return (None, false);
+            return (false, None);
         }
         let result = match (req.error, req.short) {
             (Some(e), _) => e,
             (None, true) => EIO.to_errno() as isize,
             (None, false) => req.len as isize,
         };
-        (Finished::take(&mut st.requests, slot, result), false)
+        (false, Finished::take(&mut st.requests, slot, result))
     }
 
     /// Handle completions on queue `index` (threaded interrupt context: may sleep).
@@ -813,7 +808,7 @@ impl AioDev {
                         break;
                     };
                     let status = ring.status(head);
-                    let (finished, more) = Self::part_done(&mut st, head, status, used_len);
+                    let (more, finished) = Self::part_done(&mut st, head, status, used_len);
                     kick |= more;
                     if let Some(f) = finished {
                         batch[n] = Some(f);
@@ -934,7 +929,6 @@ impl AioDev {
                     if let Some(ring) = st.ring.as_mut() {
                         ring.reset();
                     }
-                    st.epoch = st.epoch.wrapping_add(1);
                     for slot in 0..st.requests.len() {
                         if n == batch.len() {
                             break;
