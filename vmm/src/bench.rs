@@ -219,9 +219,7 @@ impl Row {
 /// Run the benchmark and print the table. Returns an error line if a boot failed.
 pub fn run(b: &BootBench, emulated: bool) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("locate aiodma: {e}"))?;
-    let qemu_bin = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|d| d.join("qemu-system-x86_64"))
-        .find(|p| p.is_file());
+    let qemu_bin = crate::host::find_in_path(crate::host::QEMU);
     let mut ours_samples = Vec::new();
     let mut qemu_samples = Vec::new();
     // Interleave the two VMMs so drift in the machine's load hits both alike.

@@ -123,10 +123,7 @@ fn forward_stderr(from: impl std::io::Read, seen: &AtomicBool) {
 
 /// Run the guest under QEMU; returns `aiodma run`'s exit code for the same outcome.
 pub fn run(p: &PeerRun) -> u8 {
-    let Some(qemu) = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|d| d.join("qemu-system-x86_64"))
-        .find(|p| p.is_file())
-    else {
+    let Some(qemu) = crate::host::find_in_path(crate::host::QEMU) else {
         log::error!(
             "bench peer needs qemu-system-x86_64: install the Debian package qemu-system-x86"
         );

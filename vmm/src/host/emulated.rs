@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use aiodma_device::abi::platform;
 
-use super::IN_EMULATED_HOST_ENV;
+use super::{find_in_path, IN_EMULATED_HOST_ENV, QEMU};
 
 /// Memory the level-1 kernel and the host tools it runs need on top of the level-2 guest.
 pub const LEVEL1_HEADROOM_MIB: u64 = 512;
@@ -46,7 +46,6 @@ pub const PAUSE_ON_RESET_ENV: &str = "AIODMA_L1_PAUSE_ON_RESET";
 pub const L1_APPEND_ENV: &str = "AIODMA_L1_APPEND";
 /// Colon-separated host directories the inner run may write to.
 pub const WRITABLE_ENV: &str = "AIODMA_WRITABLE";
-const QEMU: &str = "qemu-system-x86_64";
 /// QEMU's human monitor, in the job directory: asked where level 1's vCPUs are if it hangs.
 const MONITOR_SOCKET: &str = "monitor.sock";
 /// QEMU's log of level-1 CPU resets (`-d cpu_reset`), in the job directory: a triple fault
@@ -293,12 +292,6 @@ fn writable_dirs(extra: &[PathBuf]) -> Result<Vec<PathBuf>, EmulatedError> {
         }
     }
     Ok(kept)
-}
-
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
 }
 
 /// Copies QEMU's stdout to ours: level-1 console lines up to the ready marker are kept for

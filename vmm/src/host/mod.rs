@@ -7,10 +7,20 @@
 pub mod emulated;
 
 use std::fs::OpenOptions;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Set (to "1") in the environment of the `aiodma` that runs inside the emulated host.
 pub const IN_EMULATED_HOST_ENV: &str = "AIODMA_IN_EMULATED_HOST";
+
+/// QEMU's x86 system emulator: the emulated host, and the peer VMM of the benchmarks.
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// The first file called `name` in a directory of `PATH`.
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
 
 /// Whether this machine's KVM can run the test guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
