@@ -108,32 +108,32 @@ if [ "$peer" = 1 ]; then
 fi
 grep -m1 '^fault ' "$work/0.out"
 # Only the rows (first field: the boot's label), not whatever else the console printed.
-for ((i = 0; i < n; i++)); do grep "^${labels[$i]} " "$work/$i.out" || true; done
+for ((i = 0; i < n; i++)); do grep "^${labels[$i]} " "$work/$i.out" || true; done > "$work/rows"
+cat "$work/rows"
 for ((i = 0; i < n; i++)); do grep '^#' "$work/$i.out" || true; done
 
 # aiodma next to the peer, same points: IOPS ratios (above 1: aiodma is faster).
 for pair in "${pairs[@]}"; do
     read -r ours theirs <<< "$pair"
-    for ((i = 0; i < n; i++)); do grep "^${labels[$i]} " "$work/$i.out" || true; done |
-        awk -v a="$ours" -v b="$theirs" '
-            $1 == a || $1 == b { iops[$1 " " $2 " " $3 " " $5 " " $6] = $7 }
-            END {
-                split("aiodma-aio fio", tools, " ")
-                split("randread randwrite", rws, " ")
-                for (t = 1; t <= 2; t++) for (r = 1; r <= 2; r++) {
-                    sync = tools[t] == "fio" ? "psync" : "sync"
-                    line = ""
-                    split(sync " libaio uring", engines, " ")
-                    for (e = 1; e <= 3; e++) {
-                        qd = e == 1 ? 1 : 32
-                        k = tools[t] " " engines[e] " " qd " " rws[r]
-                        if ((a " " k) in iops && (b " " k) in iops && iops[b " " k] > 0)
-                            line = line sprintf("%s%s QD%d %.2fx", line == "" ? "" : ", ",
-                                                engines[e], qd, iops[a " " k] / iops[b " " k])
-                    }
-                    if (line != "")
-                        printf "# %s vs %s (aiodma / QEMU virtio-blk IOPS) %s %s: %s\n",
-                               a, b, tools[t], rws[r], line
+    awk -v a="$ours" -v b="$theirs" '
+        $1 == a || $1 == b { iops[$1 " " $2 " " $3 " " $5 " " $6] = $7 }
+        END {
+            split("aiodma-aio fio", tools, " ")
+            split("randread randwrite", rws, " ")
+            for (t = 1; t <= 2; t++) for (r = 1; r <= 2; r++) {
+                sync = tools[t] == "fio" ? "psync" : "sync"
+                line = ""
+                split(sync " libaio uring", engines, " ")
+                for (e = 1; e <= 3; e++) {
+                    qd = e == 1 ? 1 : 32
+                    k = tools[t] " " engines[e] " " qd " " rws[r]
+                    if ((a " " k) in iops && (b " " k) in iops && iops[b " " k] > 0)
+                        line = line sprintf("%s%s QD%d %.2fx", line == "" ? "" : ", ",
+                                            engines[e], qd, iops[a " " k] / iops[b " " k])
                 }
-            }'
+                if (line != "")
+                    printf "# %s vs %s (aiodma / QEMU virtio-blk IOPS) %s %s: %s\n",
+                           a, b, tools[t], rws[r], line
+            }
+        }' "$work/rows"
 done
