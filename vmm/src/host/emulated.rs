@@ -34,8 +34,8 @@ use super::{find_in_path, IN_EMULATED_HOST_ENV, QEMU};
 
 /// Memory the level-1 kernel and the host tools it runs need on top of the level-2 guest.
 pub const LEVEL1_HEADROOM_MIB: u64 = 512;
-/// Time level 1 gets on top of the inner run's timeout: its own boot and shutdown, slow on a
-/// loaded machine (seen: 1 s idle, up to ~20 s with both cores busy).
+/// Time level 1 gets on top of the inner run's timeout: its own boot and shutdown (measured
+/// 1.0–2.5 s here, with parallel tests), with a wide margin for a slower or busier machine.
 pub const LEVEL1_GRACE: Duration = Duration::from_secs(60);
 /// The line `/l1init` prints once the host's files are mounted, just before the inner run.
 pub const READY_MARKER: &str = "aiodma-l1: ready";
