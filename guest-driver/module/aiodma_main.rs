@@ -7,8 +7,11 @@
 //! `-EIOCBQUEUED`, and the queue's interrupt thread calls `ki_complete`. User buffers are pinned
 //! and handed to the device by DMA address (zero copy).
 //!
-//! Module map (crate root `aiodma_main.rs`; `kdebug.c` holds the dynamic-debug sites): `hw` registers, `ring` virtqueues, `mapping` pinned DMA buffers, `iocb` the kiocb
-//! shim, `dev` submission/completion, `chardev` the file operations.
+//! Module map (crate root `aiodma_main.rs`; `kdebug.c` holds the dynamic-debug sites): `hw`
+//! registers, `ring` virtqueues, `mapping` pinned DMA buffers, `iocb` the kiocb shim, `wait`
+//! killable sleeps, `request` one request's state machine, `queue` the lock-held bookkeeping,
+//! `dev` the shared device state and completion path, `submit` submission, `recovery` watchdog,
+//! cancel, reset and removal, `chardev` the file operations.
 
 use kernel::{
     device::Core,
@@ -16,7 +19,6 @@ use kernel::{
     irq::{self, IrqReturn},
     pci,
     prelude::*,
-    str::CString,
     sync::Arc,
 };
 
@@ -30,12 +32,17 @@ mod dev;
 mod hw;
 mod iocb;
 mod mapping;
+mod queue;
+mod recovery;
+mod request;
 mod ring;
+mod submit;
+mod wait;
 
 extern "C" {
     // kdebug.c: the module's dynamic-debug sites.
     fn aiodma_kdebug_enabled() -> bool;
-    fn aiodma_kdebug(msg: *const u8);
+    fn aiodma_kdebug(args: *const core::ffi::c_void);
 }
 
 /// Whether the kiocb state-transition log is on (dynamic debug: `module aiodma +p`).
@@ -44,12 +51,11 @@ pub(crate) fn kdebug_enabled() -> bool {
     unsafe { aiodma_kdebug_enabled() }
 }
 
-/// Log one kiocb state transition through the dynamic-debug site.
+/// Log one kiocb state transition through the dynamic-debug site. The sites run under the
+/// queue spinlock, so nothing is allocated: printk formats the arguments itself (`%pA`).
 pub(crate) fn kdebug_args(args: core::fmt::Arguments<'_>) {
-    if let Ok(msg) = CString::try_from_fmt(args) {
-        // SAFETY: `msg` is a NUL-terminated string that outlives the call.
-        unsafe { aiodma_kdebug(msg.as_char_ptr()) };
-    }
+    // SAFETY: `%pA` reads a `core::fmt::Arguments` through this pointer, during the call only.
+    unsafe { aiodma_kdebug(core::ptr::from_ref(&args).cast::<core::ffi::c_void>()) };
 }
 
 /// `pr_debug!` for kiocb state transitions, controlled by dynamic debug
@@ -124,9 +130,28 @@ impl irq::ThreadedHandler for QueueIrq {
     }
 }
 
+/// The watchdog runs while this exists (initialised last in probe, so no probe failure leaves
+/// it running).
+struct Watchdog(Arc<dev::AioDev>);
+
+impl Watchdog {
+    fn start(dev: Arc<dev::AioDev>) -> Self {
+        dev.start_watchdog();
+        Watchdog(dev)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.stop_watchdog();
+    }
+}
+
 #[pin_data(PinnedDrop)]
 struct AiodmaData<'bound> {
-    // Drop order is declaration order: interrupts are freed before their vectors.
+    // Drop order is declaration order: the watchdog stops first; interrupts are freed before
+    // their vectors.
+    watchdog: Watchdog,
     irqs: KVec<Pin<KBox<irq::ThreadedRegistration<'bound, QueueIrq>>>>,
     #[pin]
     chardev: chardev::Chardev,
@@ -156,7 +181,6 @@ fn setup<'bound>(pdev: &'bound pci::Device<Core<'_>>) -> Result<(Arc<dev::AioDev
         return Err(ENODEV);
     }
     let features = offered & wanted;
-    hw::negotiate(&bar, features)?;
     let mut config = hw::config(&bar);
     if config.num_queues == 0 || config.queue_size_max < 2 || config.max_segments == 0 {
         dev_err!(pdev, "unusable device configuration\n");
@@ -188,6 +212,7 @@ impl pci::Driver for AiodmaDriver {
         pin_init::pin_init_scope(move || {
             let (aio, size) = setup(pdev)?;
             let nq = aio.config.num_queues;
+            let features = aio.features;
             let vectors = KBox::new(
                 pdev.alloc_irq_vectors(
                     u32::from(nq),
@@ -215,19 +240,7 @@ impl pci::Driver for AiodmaDriver {
                 };
                 irqs.push(KBox::pin_init(reg, GFP_KERNEL)?, GFP_KERNEL)?;
             }
-            {
-                let bar = aio.bar_access(pdev)?;
-                for i in 0..nq {
-                    let (qsize, desc, driver, device) =
-                        aio.queue_addrs(usize::from(i)).ok_or(EINVAL)?;
-                    hw::setup_queue(
-                        bar,
-                        i,
-                        &hw::QueueAddrs { size: qsize, desc, driver, device, vector: i },
-                    )?;
-                }
-                hw::set_status(bar, abi::status::DRIVER_OK);
-            }
+            hw::bring_up(aio.bar_access(pdev)?, features, &aio.queue_addrs()?)?;
             let slot = NameSlot::claim()?;
             let name = slot.name();
             dev_info!(
@@ -244,8 +257,10 @@ impl pci::Driver for AiodmaDriver {
                 irqs,
                 chardev <- chardev::Chardev::register(name, aio.clone()),
                 vectors,
-                dev: aio,
                 name: slot,
+                // Last: nothing after it can fail.
+                watchdog: Watchdog::start(aio.clone()),
+                dev: aio,
             }))
         })
     }

@@ -11,8 +11,9 @@ use kernel::{bindings, error::to_result, prelude::*, sync::Arc, types::ForeignOw
 
 use crate::{
     abi,
-    dev::{AioDev, Submitted},
+    dev::AioDev,
     iocb::{KiocbRef, FMODE_CAN_ODIRECT, FMODE_NOWAIT},
+    submit::{iter_len, SubmitFlags, Submitted},
 };
 
 /// Per-open-file state: the device it talks to.
@@ -84,6 +85,9 @@ static FOPS: Fops = Fops(bindings::file_operations {
     llseek: Some(llseek),
     fsync: Some(fsync),
     unlocked_ioctl: Some(ioctl),
+    // `DeviceInfo` has the same layout for 32-bit callers, and on x86-64 a compat pointer is
+    // the plain value (what `compat_ptr_ioctl` does, which is NULL without CONFIG_COMPAT).
+    compat_ioctl: Some(ioctl),
     ..pin_init::zeroed()
 });
 
@@ -131,49 +135,52 @@ unsafe fn borrow_file<'a>(data: *mut c_void) -> &'a OpenFile {
     unsafe { &*(&*arc as *const OpenFile) }
 }
 
-fn rw(kiocb: *mut bindings::kiocb, iter: *mut bindings::iov_iter, op: u32) -> isize {
+/// # Safety
+/// `kiocb` and `iter` are the live arguments of a `read_iter`/`write_iter` call on one of our
+/// files.
+unsafe fn rw(kiocb: *mut bindings::kiocb, iter: *mut bindings::iov_iter, op: u32) -> isize {
     // SAFETY: the VFS passes the live kiocb of this call.
     let Some(k) = (unsafe { KiocbRef::new(kiocb) }) else { return EINVAL.to_errno() as isize };
     // SAFETY: the kiocb's file is one of ours.
     let of = unsafe { borrow_file(k.private_data()) };
-    let nowait = k.nowait();
-    let pos = k.pos();
-    // SAFETY: `submit` either queues the kiocb (we return -EIOCBQUEUED) or disowns it before
-    // returning a result or an error, which we return.
-    let pending = unsafe { k.into_pending() };
-    let is_async = pending.is_some();
-    if !is_async {
-        return rw_sync(&of.dev, k, iter, op, nowait);
+    let flags = SubmitFlags { nowait: k.nowait(), dsync: k.dsync() };
+    if k.is_sync() {
+        // SAFETY: the caller's contract.
+        return unsafe { rw_sync(&of.dev, k, iter, op, flags) };
     }
-    crate::kdebug!("kiocb {:p}: submitted async op {} pos {}\n", kiocb, op, pos);
-    // SAFETY: `iter` is the live iterator of this call; the async contract is kept below.
-    match unsafe { of.dev.submit(op, pos, Some(iter), pending, nowait) } {
+    crate::kdebug!("kiocb {:p}: submitted async op {} pos {}\n", kiocb, op, k.pos());
+    // SAFETY: `iter` and `k` are this call's; `submit` queues the kiocb (we return
+    // -EIOCBQUEUED) or leaves it to aio/io_uring when it returns anything else.
+    match unsafe { of.dev.submit(op, k.pos(), Some(iter), Some(k), flags) } {
         Ok(Submitted::Done(n)) => {
             k.advance(n);
             n as isize
         }
         Ok(Submitted::Queued) => EIOCBQUEUED.to_errno() as isize,
         Err(e) => {
-            if is_async {
-                crate::kdebug!("kiocb {:p}: not queued: {:?}\n", kiocb, e);
-            }
+            crate::kdebug!("kiocb {:p}: not queued: {:?}\n", kiocb, e);
             e.to_errno() as isize
         }
     }
 }
 
 /// A synchronous transfer, in as many device requests as it takes: a request covers at most
-/// what fits in the ring, and the caller sees one transfer. A short count comes back only at the
-/// end of the device, on an error after some progress, or on a fatal signal between requests.
-fn rw_sync(dev: &AioDev, k: KiocbRef, iter: *mut bindings::iov_iter, op: u32, nowait: bool) -> isize {
+/// `MAX_REQUEST_BYTES`, and the caller sees one transfer. Signals do not cut it short (only a
+/// fatal one ends it); a short count comes back only at the end of the device or on an error
+/// after some progress.
+///
+/// # Safety
+/// `iter` is the live iterator of this call.
+unsafe fn rw_sync(dev: &AioDev, k: KiocbRef, iter: *mut bindings::iov_iter, op: u32, flags: SubmitFlags) -> isize {
     let mut total = 0usize;
     loop {
         let pos = k.pos() + total as i64;
         // SAFETY: `iter` is the live iterator of this call; no kiocb is handed over.
-        match unsafe { dev.submit(op, pos, Some(iter), None, nowait) } {
+        match unsafe { dev.submit(op, pos, Some(iter), None, flags) } {
             Ok(Submitted::Done(n)) => {
                 total += n;
-                if n == 0 || crate::dev::iter_len(iter) == 0 || kernel::current!().signal_pending() {
+                // SAFETY: as above.
+                if n == 0 || unsafe { iter_len(iter) } == 0 {
                     break;
                 }
             }
@@ -189,13 +196,15 @@ fn rw_sync(dev: &AioDev, k: KiocbRef, iter: *mut bindings::iov_iter, op: u32, no
 /// # Safety
 /// VFS `read_iter` contract for one of our files.
 unsafe extern "C" fn read_iter(k: *mut bindings::kiocb, iter: *mut bindings::iov_iter) -> isize {
-    rw(k, iter, abi::op::READ)
+    // SAFETY: the VFS contract of this function.
+    unsafe { rw(k, iter, abi::op::READ) }
 }
 
 /// # Safety
 /// VFS `write_iter` contract for one of our files.
 unsafe extern "C" fn write_iter(k: *mut bindings::kiocb, iter: *mut bindings::iov_iter) -> isize {
-    rw(k, iter, abi::op::WRITE)
+    // SAFETY: the VFS contract of this function.
+    unsafe { rw(k, iter, abi::op::WRITE) }
 }
 
 /// # Safety
@@ -217,7 +226,7 @@ unsafe extern "C" fn fsync(file: *mut bindings::file, _start: i64, _end: i64, _d
         return 0;
     }
     // SAFETY: no iterator and no kiocb: a synchronous FLUSH.
-    match unsafe { of.dev.submit(abi::op::FLUSH, 0, None, None, false) } {
+    match unsafe { of.dev.submit(abi::op::FLUSH, 0, None, None, SubmitFlags::default()) } {
         Ok(_) => 0,
         Err(e) => e.to_errno(),
     }

@@ -114,6 +114,19 @@ pub(crate) fn setup_queue(bar: &Bar0<'_>, index: u16, q: &QueueAddrs) -> Result 
     Ok(())
 }
 
+/// Bring the device from reset (or from ACKNOWLEDGE|DRIVER) to DRIVER_OK with `features` and
+/// `queues` (queue *i* is `queues[i]`). Probe and the watchdog's re-initialisation both use it.
+pub(crate) fn bring_up(bar: &Bar0<'_>, features: u64, queues: &[QueueAddrs]) -> Result {
+    set_status(bar, abi::status::ACKNOWLEDGE | abi::status::DRIVER);
+    negotiate(bar, features)?;
+    for (i, q) in queues.iter().enumerate() {
+        // CAST: the driver uses at most MAX_QUEUES (8) queues.
+        setup_queue(bar, i as u16, q)?;
+    }
+    set_status(bar, abi::status::DRIVER_OK);
+    Ok(())
+}
+
 /// Ring queue `index`'s doorbell.
 pub(crate) fn kick(bar: &Bar0<'_>, index: u16) {
     let off = abi::bar0::NOTIFY as usize + usize::from(index) * abi::bar0::NOTIFY_STRIDE as usize;

@@ -13,6 +13,8 @@ pub(crate) const FMODE_NOWAIT: u32 = 1 << 27;
 pub(crate) const FMODE_CAN_ODIRECT: u32 = 1 << 22;
 /// `IOCB_NOWAIT` = `RWF_NOWAIT` (include/linux/fs.h, include/uapi/linux/fs.h).
 pub(crate) const IOCB_NOWAIT: i32 = 0x8;
+/// `IOCB_DSYNC` = `RWF_DSYNC`: set for `O_DSYNC`/`O_SYNC` files and `RWF_DSYNC`/`RWF_SYNC`.
+pub(crate) const IOCB_DSYNC: i32 = 0x2;
 
 type CancelFn = unsafe extern "C" fn(*mut bindings::kiocb) -> core::ffi::c_int;
 
@@ -44,6 +46,12 @@ impl KiocbRef {
     pub(crate) fn nowait(self) -> bool {
         // SAFETY: as above.
         unsafe { (*self.0.as_ptr()).ki_flags & IOCB_NOWAIT != 0 }
+    }
+
+    /// The write must be durable before it completes.
+    pub(crate) fn dsync(self) -> bool {
+        // SAFETY: as above.
+        unsafe { (*self.0.as_ptr()).ki_flags & IOCB_DSYNC != 0 }
     }
 
     /// The file position of this request.
@@ -93,7 +101,8 @@ impl PendingIocb {
     /// Make the request cancellable with `io_cancel` (aio only; io_uring kiocbs are left alone)
     /// and remember `cookie` for the cancel callback. Must not be called under a lock the
     /// cancel callback takes: aio calls it under its own context lock, which this takes too.
-    pub(crate) fn arm_cancel(&self, cookie: usize, cancel: CancelFn) {
+    pub(crate) fn arm_cancel(&self, cookie: usize) {
+        let cancel: CancelFn = crate::recovery::aio_cancel;
         let k = self.0.as_ptr();
         // SAFETY: by the type invariant the kiocb is live. `private` is unused by aio
         // (aio_prep_rw sets it to NULL) and only aio kiocbs carry IOCB_AIO_RW.
@@ -127,9 +136,13 @@ impl PendingIocb {
 
 impl Drop for PendingIocb {
     fn drop(&mut self) {
-        // Never silently lose a completion: aio's exit path and io_uring teardown would wait on
-        // it forever.
-        pr_warn!("pending kiocb dropped without completion; completing with -EIO\n");
+        // A driver bug (every path completes or disowns explicitly), reported loudly once; the
+        // kiocb is still completed, or aio's exit path and io_uring teardown would wait forever.
+        static WARNED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+        if !WARNED.swap(true, core::sync::atomic::Ordering::Relaxed) {
+            kernel::warn_on!(true);
+        }
+        pr_err!("pending kiocb dropped without completion; completing with -EIO\n");
         let k = self.0.as_ptr();
         // SAFETY: as in `complete`; `drop` runs at most once.
         unsafe {
@@ -138,4 +151,13 @@ impl Drop for PendingIocb {
             }
         }
     }
+}
+
+/// What aio's cancel callback needs of the kiocb: its file's private data and our cookie.
+///
+/// # Safety
+/// `k` is a live aio kiocb of one of our files (aio's cancel callback contract).
+pub(crate) unsafe fn cancel_target(k: *mut bindings::kiocb) -> (*mut core::ffi::c_void, usize) {
+    // SAFETY: the caller's contract; aio holds a reference on the file while the request lives.
+    unsafe { ((*(*k).ki_filp).private_data, (*k).private as usize) }
 }

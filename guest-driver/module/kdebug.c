@@ -13,7 +13,7 @@
 #include <linux/types.h>
 
 bool aiodma_kdebug_enabled(void);
-void aiodma_kdebug(const char *msg);
+void aiodma_kdebug(const void *args);
 
 /* Whether the kiocb log is on: lets the Rust side skip formatting when it is off. */
 bool aiodma_kdebug_enabled(void)
@@ -23,11 +23,14 @@ bool aiodma_kdebug_enabled(void)
 	return DYNAMIC_DEBUG_BRANCH(site);
 }
 
-/* One kiocb state transition, already formatted by the Rust side. */
-void aiodma_kdebug(const char *msg)
+/*
+ * One kiocb state transition: @args points at the Rust side's core::fmt::Arguments, which
+ * printk formats itself (%pA), so nothing is allocated; the callers hold a spinlock.
+ */
+void aiodma_kdebug(const void *args)
 {
-	DEFINE_DYNAMIC_DEBUG_METADATA(site, "aiodma: %s");
+	DEFINE_DYNAMIC_DEBUG_METADATA(site, "aiodma: %pA");
 
 	if (DYNAMIC_DEBUG_BRANCH(site))
-		__dynamic_pr_debug(&site, "aiodma: %s", msg);
+		__dynamic_pr_debug(&site, "aiodma: %pA", args);
 }

@@ -3,7 +3,7 @@
 //! unmapped and unpinned (dirtied for reads) when the device has finished with them. The device
 //! reads or writes user memory directly; no copy happens on either side.
 
-use kernel::{bindings, prelude::*};
+use kernel::{alloc::Flags, bindings, prelude::*};
 
 /// One contiguous DMA segment.
 #[derive(Clone, Copy)]
@@ -40,8 +40,9 @@ fn direction(from_device: bool) -> bindings::dma_data_direction {
 }
 
 impl Mapping {
-    /// Pin and map up to `max_bytes` of `iter` in at most `max_segments` pages. Advances `iter`
-    /// past what was taken. The result may be shorter than asked (a short transfer).
+    /// Pin and map up to `max_bytes` of `iter` in at most `max_segments` pages, allocating the
+    /// page and segment arrays (sized for `max_segments`) with `gfp`. Advances `iter` past what
+    /// was taken. The result may be shorter than asked (a short transfer).
     ///
     /// # Safety
     /// `iter` is a live iterator of the running `read_iter`/`write_iter`, and `dev` the bound
@@ -52,6 +53,7 @@ impl Mapping {
         max_bytes: usize,
         max_segments: usize,
         from_device: bool,
+        gfp: Flags,
     ) -> Result<Self> {
         // SAFETY: the caller guarantees `iter` is live.
         let iter_type = u32::from(unsafe { (*iter).iter_type });
@@ -59,8 +61,8 @@ impl Mapping {
             || iter_type == bindings::iter_type_ITER_IOVEC;
         let mut m = Mapping {
             dev,
-            pages: KVec::with_capacity(max_segments, GFP_KERNEL)?,
-            segments: KVec::with_capacity(max_segments, GFP_KERNEL)?,
+            pages: KVec::with_capacity(max_segments, gfp)?,
+            segments: KVec::with_capacity(max_segments, gfp)?,
             pinned,
             from_device,
             bytes: 0,
@@ -112,8 +114,8 @@ impl Mapping {
                     // `m` drops: unmaps what was mapped, unpins every extracted page.
                     return Err(ENOMEM);
                 }
-                // CAST: len <= PAGE_SIZE.
-                m.segments.push(Segment { addr, len: len as u32 }, GFP_KERNEL)?;
+                // CAST: len <= PAGE_SIZE. One segment per page: within the reserved capacity.
+                m.segments.push(Segment { addr, len: len as u32 }, gfp)?;
                 m.bytes += len;
                 left -= len;
                 offset = 0;

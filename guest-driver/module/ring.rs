@@ -10,6 +10,7 @@ use kernel::{
     dma::Coherent,
     prelude::*,
     sync::barrier::{self, dma_mb, smp_mb},
+    transmute::{AsBytes, FromBytes},
 };
 
 use crate::abi;
@@ -70,25 +71,26 @@ impl Ring {
         self.mem.as_mut_ptr().cast::<u8>()
     }
 
-    fn write<T: Copy>(&self, off: usize, v: T) {
+    fn write<T: AsBytes>(&self, off: usize, v: T) {
         debug_assert!(off + core::mem::size_of::<T>() <= self.mem.size());
         // SAFETY: every caller passes an offset computed from the layout fixed in `new`, which
-        // lies inside the allocation; the memory lives as long as `self`. Volatile because the
-        // device accesses it concurrently.
+        // lies inside the allocation and is aligned for `T` (the virtqueue layout aligns every
+        // field naturally; the allocation is page aligned); `T: AsBytes` has no padding. The
+        // memory lives as long as `self`. Volatile because the device accesses it concurrently.
         unsafe { core::ptr::write_volatile(self.base().add(off).cast::<T>(), v) }
     }
 
-    fn read<T: Copy>(&self, off: usize) -> T {
+    fn read<T: FromBytes>(&self, off: usize) -> T {
         debug_assert!(off + core::mem::size_of::<T>() <= self.mem.size());
-        // SAFETY: as in `write`.
+        // SAFETY: as in `write`; any bit pattern the device left is a valid `T: FromBytes`.
         unsafe { core::ptr::read_volatile(self.base().add(off).cast::<T>()) }
     }
 
     /// Forget every chain and index after a device reset: the device starts over at index 0.
     pub(crate) fn reset(&mut self) {
-        let total = self.mem.size();
-        for off in 0..total {
-            self.write::<u8>(off, 0);
+        // The allocation is a whole number of 64-byte request slots past the rings.
+        for off in (0..self.mem.size()).step_by(8) {
+            self.write::<u64>(off, 0);
         }
         self.free_head = 0;
         self.num_free = self.size;

@@ -1,0 +1,274 @@
+// SPDX-License-Identifier: GPL-2.0
+//! Everything that is not the normal path: the watchdog (cancelled kiocbs, overdue parts,
+//! stalled queues, NEEDS_RESET), device reset and re-initialisation, failing what the device
+//! held, and removal.
+
+use core::ffi::c_int;
+
+use kernel::{
+    bindings,
+    prelude::*,
+    sync::{
+        atomic::{Acquire, Full, Relaxed, Release},
+        Arc,
+    },
+    time::msecs_to_jiffies,
+    types::ForeignOwnable,
+    workqueue::{self, WorkItem},
+};
+
+use crate::{abi, chardev::OpenFile, dev::AioDev, hw, iocb::PendingIocb, kdebug, request::Waiter};
+
+/// Watchdog period: timeouts and cancellations are noticed within this.
+const WATCHDOG_MS: u32 = 100;
+
+/// The cancel cookie of request `slot` (generation `generation`) on queue `queue`.
+pub(crate) fn cookie(queue: u16, slot: usize, generation: u32) -> usize {
+    (generation as usize) << 32 | usize::from(queue) << 16 | slot
+}
+
+/// The queue the watchdog runs on: 7.3 deprecates `system_unbound_wq` (the kernel warns once
+/// when it is used) in favour of `system_dfl_wq`, for which the Rust abstractions have no
+/// accessor yet.
+fn watchdog_queue() -> &'static workqueue::Queue {
+    // SAFETY: `system_dfl_wq` is a C global, set up at boot before any module loads and never
+    // freed.
+    unsafe { workqueue::Queue::from_raw(bindings::system_dfl_wq) }
+}
+
+impl AioDev {
+    /// Start the watchdog. Probe calls it last, once nothing can fail any more.
+    pub(crate) fn start_watchdog(self: &Arc<Self>) {
+        let _ = watchdog_queue().enqueue_delayed(self.clone(), msecs_to_jiffies(WATCHDOG_MS));
+    }
+
+    /// Stop the watchdog for good: a running tick finishes, a pending one is cancelled, and it
+    /// can never be queued again (its re-arm fails and drops its reference).
+    pub(crate) fn stop_watchdog(&self) {
+        // SAFETY: `DelayedWork` is `#[repr(transparent)]` over the C `delayed_work`, which lives
+        // as long as `self`.
+        let was_pending = unsafe {
+            bindings::disable_delayed_work_sync(
+                core::ptr::from_ref(&self.watchdog)
+                    .cast::<bindings::delayed_work>()
+                    .cast_mut(),
+            )
+        };
+        if was_pending {
+            // SAFETY: a pending watchdog owned the reference `start_watchdog` (or the last tick)
+            // handed to the workqueue through `Arc::into_raw`; cancelling it makes it ours.
+            drop(unsafe { Arc::from_raw(core::ptr::from_ref(self)) });
+        }
+    }
+
+    /// aio `io_cancel` (under aio's context lock, IRQs off): flag the request; the watchdog
+    /// completes it with -ECANCELED within `WATCHDOG_MS`. A request still being armed counts:
+    /// the watchdog completes it once its kiocb is attached.
+    pub(crate) fn request_cancel(&self, cookie: usize) -> bool {
+        let queue = (cookie >> 16) & 0xffff;
+        let slot = cookie & 0xffff;
+        let generation = (cookie >> 32) as u32;
+        let Some(q) = self.queues.get(queue) else {
+            return false;
+        };
+        let mut st = q.state.lock();
+        match st.request_mut(slot, generation) {
+            Some(r) if matches!(r.waiter, Waiter::Async(_) | Waiter::Arming) => {
+                r.cancel_requested = true;
+                kdebug!("req {}: cancel requested\n", r.id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Periodic work: complete cancelled kiocbs, reap abandoned requests, and reset the device
+    /// when a part is overdue (whoever waits for it), a queue with waiters stopped moving, or
+    /// the device asks for a reset.
+    fn watchdog_tick(&self) {
+        let mut stalled = false;
+        let mut busy = false;
+        for q in self.queues.iter() {
+            loop {
+                let mut cancelled: [Option<(PendingIocb, u64)>; 16] = Default::default();
+                let mut n = 0;
+                {
+                    let mut st = q.state.lock();
+                    for r in st.requests.iter_mut().flatten() {
+                        if n == cancelled.len() {
+                            break;
+                        }
+                        if r.cancel_requested && matches!(r.waiter, Waiter::Async(_)) {
+                            if let Waiter::Async(p) = core::mem::replace(&mut r.waiter, Waiter::Gone) {
+                                cancelled[n] = Some((p, r.id));
+                                n += 1;
+                            }
+                        }
+                    }
+                }
+                for (p, id) in cancelled.iter_mut().take(n).filter_map(Option::take) {
+                    kdebug!("req {}: cancelled, ki_complete(-ECANCELED)\n", id);
+                    self.stats.cancels.fetch_add(1, Relaxed);
+                    p.complete(ECANCELED.to_errno() as isize);
+                }
+                if n == 0 {
+                    break;
+                }
+            }
+            // Requests abandoned while waiting for ring room have no part to bring them back.
+            let mut freed = false;
+            loop {
+                let (kick, finished) = q.state.lock().progress();
+                if kick {
+                    self.kick(q);
+                }
+                let Some(f) = finished else { break };
+                f.finish(self);
+                freed = true;
+            }
+            if freed {
+                q.wait.wake_all();
+            }
+            let st = q.state.lock();
+            busy |= st.requests.iter().any(Option::is_some);
+            stalled |= st.stalled(self.timeout_ms);
+        }
+        // SAFETY: this is the watchdog.
+        let needs_reset = busy
+            && unsafe { self.bar_sleepable() }
+                .is_some_and(|bar| hw::status(bar) & abi::status::NEEDS_RESET != 0);
+        if stalled {
+            self.reset("request timeout");
+        } else if needs_reset {
+            self.reset("device NEEDS_RESET");
+        }
+    }
+
+    /// The device did not reset, so it may still DMA: stop its bus mastering and never free
+    /// what it may touch (buffers stay pinned and mapped, rings stay allocated).
+    fn quarantine(&self) {
+        if self.quarantined.xchg(true, Full) {
+            return;
+        }
+        pr_err!("device did not complete its reset: bus mastering off, its buffers and rings are leaked\n");
+        // SAFETY: `self.dev` is the `dev` field of a `struct pci_dev`, bound (we are called by
+        // the watchdog or unbind).
+        unsafe {
+            let pdev = kernel::container_of!(self.raw_dev(), bindings::pci_dev, dev);
+            bindings::pci_clear_master(pdev);
+        }
+    }
+
+    /// Fail every request still owned by the driver (`late_res` for those with a part older
+    /// than the timeout, `other_res` for the rest) and forget every chain. The device must be
+    /// stopped. Returns how many requests failed.
+    fn fail_all(&self, late_res: isize, other_res: isize) -> usize {
+        let mut failed = 0;
+        for q in self.queues.iter() {
+            q.state.lock().forget_device();
+            while let Some((finished, late)) = q.state.lock().fail_next(self.timeout_ms, late_res, other_res) {
+                failed += 1;
+                if late {
+                    self.stats.timeouts.fetch_add(1, Relaxed);
+                }
+                if let Some(f) = finished {
+                    f.finish(self);
+                }
+            }
+            q.wait.wake_all();
+        }
+        failed
+    }
+
+    /// Reset the device, fail what it held, program it again and resume service. Watchdog only.
+    fn reset(&self, why: &str) {
+        self.resetting.store(true, Release);
+        // SAFETY: only the watchdog resets the device.
+        if let Some(bar) = unsafe { self.bar_sleepable() } {
+            if hw::reset(bar).is_err() {
+                self.dead.store(true, Release);
+                self.quarantine();
+            }
+            let failed = self.fail_all(ETIMEDOUT.to_errno() as isize, EIO.to_errno() as isize);
+            self.stats.resets.fetch_add(1, Relaxed);
+            if !self.dead.load(Acquire) {
+                if let Err(e) = self.reprogram(bar) {
+                    pr_err!("device reinitialisation failed: {:?}\n", e);
+                    self.dead.store(true, Release);
+                }
+            }
+            pr_warn!("device reset after {}: {} request(s) failed\n", why, failed);
+        }
+        self.resetting.store(false, Release);
+        for q in self.queues.iter() {
+            q.wait.wake_all();
+        }
+    }
+
+    /// Negotiate and program the queues again after a reset.
+    fn reprogram(&self, bar: &hw::Bar0<'_>) -> Result {
+        hw::bring_up(bar, self.features, &self.queue_addrs()?)
+    }
+
+    /// The device is going away (unbind): stop the watchdog and the device, fail everything in
+    /// flight, wait for every submitter and completion thread to leave, free the rings.
+    pub(crate) fn shutdown(&self) {
+        self.dead.store(true, Release);
+        self.stop_watchdog();
+        // SAFETY: this is `shutdown`, called from unbind, with the watchdog stopped.
+        if let Some(bar) = unsafe { self.bar_sleepable() } {
+            if hw::reset(bar).is_err() {
+                self.quarantine();
+            }
+        }
+        self.fail_all(ENODEV.to_errno() as isize, ENODEV.to_errno() as isize);
+        // Submitters see `dead` or their failed request and leave; interrupt threads finish.
+        self.gate.synchronize();
+        self.fail_all(ENODEV.to_errno() as isize, ENODEV.to_errno() as isize);
+        for q in self.queues.iter() {
+            // DMA memory must be freed before unbind returns (unless the device may use it).
+            let ring = q.state.lock().ring.take();
+            if let Some(ring) = ring {
+                if self.quarantined.load(Acquire) {
+                    core::mem::forget(ring);
+                } else {
+                    drop(ring);
+                }
+            }
+            q.wait.wake_all();
+        }
+    }
+}
+
+impl WorkItem for AioDev {
+    type Pointer = Arc<AioDev>;
+
+    fn run(this: Arc<AioDev>) {
+        if this.dead.load(Acquire) {
+            return;
+        }
+        this.watchdog_tick();
+        if !this.dead.load(Acquire) {
+            // Fails (and drops the reference) once `stop_watchdog` disabled the work.
+            let _ = watchdog_queue().enqueue_delayed(this, msecs_to_jiffies(WATCHDOG_MS));
+        }
+    }
+}
+
+/// aio's cancel callback (see `PendingIocb::arm_cancel`).
+///
+/// # Safety
+/// Called by aio under its context lock with a kiocb of one of our files whose `private` holds
+/// the cookie we stored.
+pub(crate) unsafe extern "C" fn aio_cancel(k: *mut bindings::kiocb) -> c_int {
+    // SAFETY: the aio request holds a reference on its file, whose private data is our
+    // `Arc<OpenFile>`; `private` is the cookie written by `arm_cancel`.
+    let (of, cookie) = unsafe { crate::iocb::cancel_target(k) };
+    // SAFETY: as above: the file, and so its private data, outlives this call.
+    let of = unsafe { Arc::<OpenFile>::borrow(of) };
+    if of.dev().request_cancel(cookie) {
+        0
+    } else {
+        EINVAL.to_errno()
+    }
+}
