@@ -3,7 +3,14 @@
 //! feature negotiation and queue programming. Only probe, reset and the doorbell touch registers;
 //! the per-request path uses ring memory and the doorbell alone (each access is a VM exit).
 
-use kernel::{io::Io, pci, prelude::*};
+use core::marker::PhantomData;
+
+use kernel::{
+    io::{poll::read_poll_timeout, Io},
+    pci,
+    prelude::*,
+    time::Delta,
+};
 
 use crate::abi;
 
@@ -12,42 +19,111 @@ pub(crate) const BAR0_SIZE: usize = abi::bar0::SIZE as usize;
 /// The mapped BAR0 for the device's bound lifetime.
 pub(crate) type Bar0<'a> = pci::Bar<'a, BAR0_SIZE>;
 
-const COMMON: usize = abi::bar0::COMMON as usize;
-const CONFIG: usize = abi::bar0::CONFIG as usize;
+/// A BAR0 register: its width is its type `T`, its offset `OFF` comes from the shared ABI (the
+/// kernel's `register!` takes literal offsets, which would be a second copy of `abi.rs`). The
+/// offset is a constant of each use, so the sized BAR checks it at build time.
+#[derive(Clone, Copy)]
+struct Reg<T, const OFF: usize>(PhantomData<T>);
+
+const fn common_off(reg: u64) -> usize {
+    (abi::bar0::COMMON + reg) as usize
+}
+
+const fn config_off(reg: u64) -> usize {
+    (abi::bar0::CONFIG + reg) as usize
+}
+
+macro_rules! regs {
+    ($($(#[$doc:meta])* $name:ident: $t:ty = $off:expr;)*) => {
+        $($(#[$doc])* const $name: Reg<$t, { $off }> = Reg(PhantomData);)*
+    };
+}
+
+regs! {
+    DEVICE_FEATURE_SELECT: u32 = common_off(abi::common::DEVICE_FEATURE_SELECT);
+    DEVICE_FEATURE: u32 = common_off(abi::common::DEVICE_FEATURE);
+    DRIVER_FEATURE_SELECT: u32 = common_off(abi::common::DRIVER_FEATURE_SELECT);
+    DRIVER_FEATURE: u32 = common_off(abi::common::DRIVER_FEATURE);
+    /// Writing 0 resets the device.
+    DEVICE_STATUS: u8 = common_off(abi::common::DEVICE_STATUS);
+    QUEUE_SELECT: u16 = common_off(abi::common::QUEUE_SELECT);
+    QUEUE_SIZE: u16 = common_off(abi::common::QUEUE_SIZE);
+    QUEUE_MSIX_VECTOR: u16 = common_off(abi::common::QUEUE_MSIX_VECTOR);
+    QUEUE_ENABLE: u16 = common_off(abi::common::QUEUE_ENABLE);
+    /// 64-bit registers are written as two 32-bit halves, low first.
+    QUEUE_DESC_LO: u32 = common_off(abi::common::QUEUE_DESC);
+    QUEUE_DESC_HI: u32 = common_off(abi::common::QUEUE_DESC) + 4;
+    QUEUE_DRIVER_LO: u32 = common_off(abi::common::QUEUE_DRIVER);
+    QUEUE_DRIVER_HI: u32 = common_off(abi::common::QUEUE_DRIVER) + 4;
+    QUEUE_DEVICE_LO: u32 = common_off(abi::common::QUEUE_DEVICE);
+    QUEUE_DEVICE_HI: u32 = common_off(abi::common::QUEUE_DEVICE) + 4;
+    CAPACITY_LO: u32 = config_off(abi::config::CAPACITY);
+    CAPACITY_HI: u32 = config_off(abi::config::CAPACITY) + 4;
+    MAX_SEGMENTS: u32 = config_off(abi::config::MAX_SEGMENTS);
+    MAX_TRANSFER: u32 = config_off(abi::config::MAX_TRANSFER);
+    NUM_QUEUES: u16 = config_off(abi::config::NUM_QUEUES);
+    QUEUE_SIZE_MAX: u16 = config_off(abi::config::QUEUE_SIZE_MAX);
+    ALIGNMENT: u32 = config_off(abi::config::ALIGNMENT);
+}
+
+impl<const OFF: usize> Reg<u8, OFF> {
+    fn read(self, bar: &Bar0<'_>) -> u8 {
+        bar.read8(OFF)
+    }
+    fn write(self, bar: &Bar0<'_>, v: u8) {
+        bar.write8(v, OFF)
+    }
+}
+
+impl<const OFF: usize> Reg<u16, OFF> {
+    fn read(self, bar: &Bar0<'_>) -> u16 {
+        bar.read16(OFF)
+    }
+    fn write(self, bar: &Bar0<'_>, v: u16) {
+        bar.write16(v, OFF)
+    }
+}
+
+impl<const OFF: usize> Reg<u32, OFF> {
+    fn read(self, bar: &Bar0<'_>) -> u32 {
+        bar.read32(OFF)
+    }
+    fn write(self, bar: &Bar0<'_>, v: u32) {
+        bar.write32(v, OFF)
+    }
+}
 
 /// Reset the device and wait until it reports the reset complete (status reads 0).
 pub(crate) fn reset(bar: &Bar0<'_>) -> Result {
-    bar.write8(0, COMMON + abi::common::DEVICE_STATUS as usize);
+    DEVICE_STATUS.write(bar, 0);
     // The device completes a reset once its backing has finished in-flight work: bounded by the
     // slowest backing operation, so poll with a generous limit.
-    for _ in 0..5000 {
-        if bar.read8(COMMON + abi::common::DEVICE_STATUS as usize) == 0 {
-            return Ok(());
-        }
-        kernel::time::delay::fsleep(kernel::time::Delta::from_micros(200));
-    }
-    Err(ETIMEDOUT)
+    read_poll_timeout(
+        || Ok(DEVICE_STATUS.read(bar)),
+        |status| *status == 0,
+        Delta::from_micros(200),
+        Delta::from_secs(1),
+    )
+    .map(|_| ())
 }
 
 /// Add `bits` to the device status.
 pub(crate) fn set_status(bar: &Bar0<'_>, bits: u8) {
-    let off = COMMON + abi::common::DEVICE_STATUS as usize;
-    let now = bar.read8(off);
-    bar.write8(now | bits, off);
+    let now = DEVICE_STATUS.read(bar);
+    DEVICE_STATUS.write(bar, now | bits);
 }
 
 /// Current device status.
 pub(crate) fn status(bar: &Bar0<'_>) -> u8 {
-    bar.read8(COMMON + abi::common::DEVICE_STATUS as usize)
+    DEVICE_STATUS.read(bar)
 }
 
 /// The device's 64-bit feature word.
 pub(crate) fn device_features(bar: &Bar0<'_>) -> u64 {
     let mut features = 0u64;
     for half in 0..2u32 {
-        bar.write32(half, COMMON + abi::common::DEVICE_FEATURE_SELECT as usize);
-        let v = bar.read32(COMMON + abi::common::DEVICE_FEATURE as usize);
-        features |= u64::from(v) << (32 * half);
+        DEVICE_FEATURE_SELECT.write(bar, half);
+        features |= u64::from(DEVICE_FEATURE.read(bar)) << (32 * half);
     }
     features
 }
@@ -55,9 +131,9 @@ pub(crate) fn device_features(bar: &Bar0<'_>) -> u64 {
 /// Offer `features` to the device, set FEATURES_OK and check it stuck.
 pub(crate) fn negotiate(bar: &Bar0<'_>, features: u64) -> Result {
     for half in 0..2u32 {
-        bar.write32(half, COMMON + abi::common::DRIVER_FEATURE_SELECT as usize);
+        DRIVER_FEATURE_SELECT.write(bar, half);
         // CAST: taking one 32-bit half of the feature word.
-        bar.write32((features >> (32 * half)) as u32, COMMON + abi::common::DRIVER_FEATURE as usize);
+        DRIVER_FEATURE.write(bar, (features >> (32 * half)) as u32);
     }
     set_status(bar, abi::status::FEATURES_OK);
     if status(bar) & abi::status::FEATURES_OK == 0 {
@@ -68,15 +144,13 @@ pub(crate) fn negotiate(bar: &Bar0<'_>, features: u64) -> Result {
 
 /// Read the device configuration block.
 pub(crate) fn config(bar: &Bar0<'_>) -> abi::DeviceConfig {
-    let lo = bar.read32(CONFIG + abi::config::CAPACITY as usize);
-    let hi = bar.read32(CONFIG + abi::config::CAPACITY as usize + 4);
     abi::DeviceConfig {
-        capacity: u64::from(lo) | (u64::from(hi) << 32),
-        max_segments: bar.read32(CONFIG + abi::config::MAX_SEGMENTS as usize),
-        max_transfer: bar.read32(CONFIG + abi::config::MAX_TRANSFER as usize),
-        num_queues: bar.read16(CONFIG + abi::config::NUM_QUEUES as usize),
-        queue_size_max: bar.read16(CONFIG + abi::config::QUEUE_SIZE_MAX as usize),
-        alignment: bar.read32(CONFIG + abi::config::ALIGNMENT as usize),
+        capacity: u64::from(CAPACITY_LO.read(bar)) | (u64::from(CAPACITY_HI.read(bar)) << 32),
+        max_segments: MAX_SEGMENTS.read(bar),
+        max_transfer: MAX_TRANSFER.read(bar),
+        num_queues: NUM_QUEUES.read(bar),
+        queue_size_max: QUEUE_SIZE_MAX.read(bar),
+        alignment: ALIGNMENT.read(bar),
     }
 }
 
@@ -89,28 +163,26 @@ pub(crate) struct QueueAddrs {
     pub(crate) vector: u16,
 }
 
-fn write_u64(bar: &Bar0<'_>, value: u64, off: usize) -> Result {
-    // CAST: the two 32-bit halves of a 64-bit register.
-    bar.try_write32(value as u32, off)?;
-    bar.try_write32((value >> 32) as u32, off + 4)
-}
-
 /// Program and enable queue `index`.
 pub(crate) fn setup_queue(bar: &Bar0<'_>, index: u16, q: &QueueAddrs) -> Result {
-    bar.write16(index, COMMON + abi::common::QUEUE_SELECT as usize);
-    let max = bar.read16(COMMON + abi::common::QUEUE_SIZE as usize);
+    QUEUE_SELECT.write(bar, index);
+    let max = QUEUE_SIZE.read(bar);
     if max == 0 || q.size > max {
         return Err(EINVAL);
     }
-    bar.write16(q.size, COMMON + abi::common::QUEUE_SIZE as usize);
-    bar.write16(q.vector, COMMON + abi::common::QUEUE_MSIX_VECTOR as usize);
-    if bar.read16(COMMON + abi::common::QUEUE_MSIX_VECTOR as usize) != q.vector {
+    QUEUE_SIZE.write(bar, q.size);
+    QUEUE_MSIX_VECTOR.write(bar, q.vector);
+    if QUEUE_MSIX_VECTOR.read(bar) != q.vector {
         return Err(EBUSY);
     }
-    write_u64(bar, q.desc, COMMON + abi::common::QUEUE_DESC as usize)?;
-    write_u64(bar, q.driver, COMMON + abi::common::QUEUE_DRIVER as usize)?;
-    write_u64(bar, q.device, COMMON + abi::common::QUEUE_DEVICE as usize)?;
-    bar.write16(1, COMMON + abi::common::QUEUE_ENABLE as usize);
+    // CAST (each pair): the two 32-bit halves of a 64-bit address.
+    QUEUE_DESC_LO.write(bar, q.desc as u32);
+    QUEUE_DESC_HI.write(bar, (q.desc >> 32) as u32);
+    QUEUE_DRIVER_LO.write(bar, q.driver as u32);
+    QUEUE_DRIVER_HI.write(bar, (q.driver >> 32) as u32);
+    QUEUE_DEVICE_LO.write(bar, q.device as u32);
+    QUEUE_DEVICE_HI.write(bar, (q.device >> 32) as u32);
+    QUEUE_ENABLE.write(bar, 1);
     Ok(())
 }
 
