@@ -130,28 +130,22 @@ impl irq::ThreadedHandler for QueueIrq {
     }
 }
 
-/// The watchdog runs while this exists (initialised last in probe, so no probe failure leaves
-/// it running).
-struct Watchdog(Arc<dev::AioDev>);
+/// The device is live (DRIVER_OK on our rings) while this exists. Dropping it, on a probe
+/// failure after bring-up or when the driver data goes after unbind, stops the watchdog and
+/// the device and fails what it held before the rings can be freed (`shutdown` is idempotent).
+struct Live(Arc<dev::AioDev>);
 
-impl Watchdog {
-    fn start(dev: Arc<dev::AioDev>) -> Self {
-        dev.start_watchdog();
-        Watchdog(dev)
-    }
-}
-
-impl Drop for Watchdog {
+impl Drop for Live {
     fn drop(&mut self) {
-        self.0.stop_watchdog();
+        self.0.shutdown();
     }
 }
 
 #[pin_data(PinnedDrop)]
 struct AiodmaData<'bound> {
-    // Drop order is declaration order: the watchdog stops first; interrupts are freed before
+    // Drop order is declaration order: the device stops first; interrupts are freed before
     // their vectors.
-    watchdog: Watchdog,
+    live: Live,
     irqs: KVec<Pin<KBox<irq::ThreadedRegistration<'bound, QueueIrq>>>>,
     #[pin]
     chardev: chardev::Chardev,
@@ -195,7 +189,9 @@ fn setup<'bound>(pdev: &'bound pci::Device<Core<'_>>) -> Result<(Arc<dev::AioDev
         return Err(ENODEV);
     }
     let bar = bar.into_devres()?;
-    let aio = dev::AioDev::new(pdev, bar, config, features, size, module_parameters::timeout_ms.value())?;
+    // The watchdog checks every 100 ms: a shorter timeout would reset a healthy device.
+    let timeout_ms = module_parameters::timeout_ms.value().max(100);
+    let aio = dev::AioDev::new(pdev, bar, config, features, size, timeout_ms)?;
     Ok((aio, size))
 }
 
@@ -240,8 +236,9 @@ impl pci::Driver for AiodmaDriver {
                 };
                 irqs.push(KBox::pin_init(reg, GFP_KERNEL)?, GFP_KERNEL)?;
             }
-            hw::bring_up(aio.bar_access(pdev)?, features, &aio.queue_addrs()?)?;
             let slot = NameSlot::claim()?;
+            hw::bring_up(aio.bar_access(pdev)?, features, &aio.queue_addrs()?)?;
+            let live = Live(aio.clone());
             let name = slot.name();
             dev_info!(
                 pdev,
@@ -258,8 +255,11 @@ impl pci::Driver for AiodmaDriver {
                 chardev <- chardev::Chardev::register(name, aio.clone()),
                 vectors,
                 name: slot,
-                // Last: nothing after it can fail.
-                watchdog: Watchdog::start(aio.clone()),
+                // The watchdog starts last, when nothing can fail any more.
+                live: {
+                    live.0.start_watchdog();
+                    live
+                },
                 dev: aio,
             }))
         })

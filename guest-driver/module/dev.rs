@@ -217,7 +217,10 @@ impl AioDev {
     }
 
     /// Count an asynchronous completion with `result`.
-    pub(crate) fn count_async(&self, result: isize) {
+    pub(crate) fn count_async(&self, result: isize, cancelled: bool) {
+        if cancelled {
+            self.stats.cancels.fetch_add(1, Relaxed);
+        }
         if result < 0 {
             self.stats.errors.fetch_add(1, Relaxed);
         } else {

@@ -120,10 +120,15 @@ impl PendingIocb {
         core::mem::forget(self);
     }
 
-    /// Complete with `res`: a byte count, or a negative errno.
+    /// Complete with `res`: a byte count, or a negative errno. The position moves past what
+    /// was transferred first (io_uring reads it back for requests at the file position).
     pub(crate) fn complete(self, res: isize) {
         let k = self.0.as_ptr();
         core::mem::forget(self);
+        if res > 0 {
+            // SAFETY: by the type invariant the kiocb is live until `ki_complete` below.
+            unsafe { (*k).ki_pos += res as i64 };
+        }
         // SAFETY: by the type invariant the kiocb is live and `ki_complete` is set; after this
         // call it may be freed, and `self` was consumed so it is never touched again.
         unsafe {

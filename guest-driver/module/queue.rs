@@ -20,6 +20,8 @@ use crate::{
 #[derive(Clone, Copy)]
 struct Part {
     request: u16,
+    /// The request's generation: a late part of a failed request cannot touch its successor.
+    generation: u32,
     len: usize,
     op: u32,
 }
@@ -139,7 +141,12 @@ impl QueueState {
             let status_addr = ring.status_addr(head);
             ring.set_desc(chain, cut.count + 1, status_addr, 1, true);
             // CAST: slot < ring size.
-            parts[usize::from(head)] = Some(Part { request: slot as u16, len: cut.bytes, op });
+            parts[usize::from(head)] = Some(Part {
+                request: slot as u16,
+                generation: req.generation,
+                len: cut.bytes,
+                op,
+            });
             kick |= ring.publish(head);
             req.next_cut += 1;
             req.next_offset += cut.bytes as u64;
@@ -167,7 +174,7 @@ impl QueueState {
         }
         self.last_progress = Instant::now();
         let slot = usize::from(part.request);
-        let Some(req) = self.requests.get_mut(slot).and_then(Option::as_mut) else {
+        let Some(req) = self.request_mut(slot, part.generation) else {
             return (false, None);
         };
         req.part_returned(part.op, part.len, status, used_len);
@@ -193,10 +200,7 @@ impl QueueState {
             if req.wants_more() {
                 kick |= self.publish_parts(slot);
             } else if req.settled() && req.outcome.is_none() && !matches!(req.waiter, Waiter::Arming) {
-                let result = match req.waiter {
-                    Waiter::Gone => ECANCELED.to_errno() as isize,
-                    _ => req.result(),
-                };
+                let result = req.result();
                 if let Some(f) = Finished::take(&mut self.requests, slot, result) {
                     return (kick, Some(f));
                 }
@@ -205,8 +209,12 @@ impl QueueState {
         (kick, None)
     }
 
-    /// The device was reset: forget every chain; the device starts over at index 0.
-    pub(crate) fn forget_device(&mut self) {
+    /// The device was reset: forget every chain (the device starts over at index 0) and fail
+    /// every request still owned here, in one critical section so that nothing is published in
+    /// between: `late_res` for a request with a part older than `timeout_ms`, `other_res` for
+    /// the rest. Their buffers are released afterwards (`take_failed`). Returns how many
+    /// requests timed out.
+    pub(crate) fn forget_device(&mut self, timeout_ms: u32, late_res: isize, other_res: isize) -> u64 {
         for p in self.parts.iter_mut() {
             *p = None;
         }
@@ -214,22 +222,28 @@ impl QueueState {
             ring.reset();
         }
         self.last_progress = Instant::now();
+        let mut late_count = 0;
+        for r in self.requests.iter_mut().flatten().filter(|r| r.outcome.is_none()) {
+            let late = r.overdue(timeout_ms);
+            if late {
+                late_count += 1;
+                crate::kdebug!("req {}: timed out\n", r.id);
+            }
+            r.forget_parts(if late { late_res } else { other_res });
+        }
+        late_count
     }
 
-    /// After `forget_device`: fail the next request still owned here with `late_res` (a part
-    /// older than `timeout_ms`) or `other_res`. Returns `None` once none is left, else what to
-    /// release outside the lock (nothing for a synchronous request: its caller is woken) and
-    /// whether the request had timed out.
-    pub(crate) fn fail_next(&mut self, timeout_ms: u32, late_res: isize, other_res: isize) -> Option<(Option<Finished>, bool)> {
-        let slot = self.requests.iter().position(|r| r.as_ref().is_some_and(|r| r.outcome.is_none()))?;
-        let r = self.requests[slot].as_mut()?;
-        let late = r.overdue(timeout_ms);
-        r.forget_parts(if late { late_res } else { other_res });
-        if late {
-            crate::kdebug!("req {}: timed out\n", r.id);
-        }
-        let result = r.result();
-        Some((Finished::take(&mut self.requests, slot, result), late))
+    /// After `forget_device`: take the next failed request apart. Returns `None` once none is
+    /// left, else what to release outside the lock (nothing for a synchronous request: its
+    /// caller is woken and collects its outcome).
+    pub(crate) fn take_failed(&mut self) -> Option<Option<Finished>> {
+        let slot = self
+            .requests
+            .iter()
+            .position(|r| r.as_ref().is_some_and(|r| r.outcome.is_none() && r.error.is_some() && r.settled()))?;
+        let result = self.requests[slot].as_ref()?.result();
+        Some(Finished::take(&mut self.requests, slot, result))
     }
 
     /// Whether the queue is stuck: a part overdue, or submitters waiting for room while nothing

@@ -17,7 +17,7 @@ use kernel::{
     workqueue::{self, WorkItem},
 };
 
-use crate::{abi, chardev::OpenFile, dev::AioDev, hw, iocb::PendingIocb, kdebug, request::Waiter};
+use crate::{abi, chardev::OpenFile, dev::AioDev, hw, kdebug, request::Waiter};
 
 /// Watchdog period: timeouts and cancellations are noticed within this.
 const WATCHDOG_MS: u32 = 100;
@@ -82,41 +82,13 @@ impl AioDev {
         }
     }
 
-    /// Periodic work: complete cancelled kiocbs, reap abandoned requests, and reset the device
-    /// when a part is overdue (whoever waits for it), a queue with waiters stopped moving, or
-    /// the device asks for a reset.
+    /// Periodic work: reap cancelled and abandoned requests that have nothing on the device,
+    /// publish parts waiting for room, and reset the device when a part is overdue (whoever
+    /// waits for it), a queue with waiters stopped moving, or the device asks for a reset.
     fn watchdog_tick(&self) {
         let mut stalled = false;
         let mut busy = false;
         for q in self.queues.iter() {
-            loop {
-                let mut cancelled: [Option<(PendingIocb, u64)>; 16] = Default::default();
-                let mut n = 0;
-                {
-                    let mut st = q.state.lock();
-                    for r in st.requests.iter_mut().flatten() {
-                        if n == cancelled.len() {
-                            break;
-                        }
-                        if r.cancel_requested && matches!(r.waiter, Waiter::Async(_)) {
-                            if let Waiter::Async(p) = core::mem::replace(&mut r.waiter, Waiter::Gone) {
-                                cancelled[n] = Some((p, r.id));
-                                n += 1;
-                            }
-                        }
-                    }
-                }
-                for (p, id) in cancelled.iter_mut().take(n).filter_map(Option::take) {
-                    kdebug!("req {}: cancelled, ki_complete(-ECANCELED)\n", id);
-                    self.stats.cancels.fetch_add(1, Relaxed);
-                    p.complete(ECANCELED.to_errno() as isize);
-                }
-                if n == 0 {
-                    break;
-                }
-            }
-            // Requests abandoned while waiting for ring room have no part to bring them back.
-            let mut freed = false;
             loop {
                 let (kick, finished) = q.state.lock().progress();
                 if kick {
@@ -124,11 +96,9 @@ impl AioDev {
                 }
                 let Some(f) = finished else { break };
                 f.finish(self);
-                freed = true;
             }
-            if freed {
-                q.wait.wake_all();
-            }
+            // Freed slots, and synchronous outcomes `progress` may have set.
+            q.wait.wake_all();
             let st = q.state.lock();
             busy |= st.requests.iter().any(Option::is_some);
             stalled |= st.stalled(self.timeout_ms);
@@ -165,12 +135,12 @@ impl AioDev {
     fn fail_all(&self, late_res: isize, other_res: isize) -> usize {
         let mut failed = 0;
         for q in self.queues.iter() {
-            q.state.lock().forget_device();
-            while let Some((finished, late)) = q.state.lock().fail_next(self.timeout_ms, late_res, other_res) {
+            let late = q.state.lock().forget_device(self.timeout_ms, late_res, other_res);
+            self.stats.timeouts.fetch_add(late, Relaxed);
+            // Synchronous callers collect their own; the rest leave the table here.
+            q.wait.wake_all();
+            while let Some(finished) = q.state.lock().take_failed() {
                 failed += 1;
-                if late {
-                    self.stats.timeouts.fetch_add(1, Relaxed);
-                }
                 if let Some(f) = finished {
                     f.finish(self);
                 }

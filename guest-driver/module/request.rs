@@ -6,7 +6,8 @@
 //! the device, nothing more to send):
 //!
 //! ```text
-//!  Arming ──kiocb attached──▶ Async ──io_cancel (watchdog)──▶ Gone
+//!  Arming ──kiocb attached──▶ Async (io_cancel: nothing more is sent; -ECANCELED once the
+//!                                     device has returned every part)
 //!  Sync ──fatal signal──▶ Gone
 //!  settled: Async, Gone, Arming ─▶ taken out of the table by whoever saw it settle (Finished)
 //!           Sync ─▶ `outcome` set; the sleeping caller takes it out itself
@@ -28,8 +29,8 @@ pub(crate) enum Waiter {
     Async(PendingIocb),
     /// A synchronous caller sleeping in `submit`; it collects `outcome` and frees the slot.
     Sync,
-    /// Nobody: the kiocb was completed (cancelled) or the sync caller was killed. The request
-    /// lingers until the device returns its buffers, or a reset makes it forget them.
+    /// Nobody: the sync caller was killed. The request lingers until the device returns its
+    /// buffers, or a reset makes it forget them.
     Gone,
 }
 
@@ -81,6 +82,7 @@ impl Request {
         self.next_cut < self.cuts.len()
             && self.error.is_none()
             && self.outcome.is_none()
+            && !self.cancel_requested
             && matches!(self.waiter, Waiter::Async(_) | Waiter::Sync)
     }
 
@@ -96,8 +98,12 @@ impl Request {
             .is_some_and(|c| !c.flush || self.in_flight == 0)
     }
 
-    /// The device-side result of a settled request.
+    /// The result of a settled request: -ECANCELED once cancelled or abandoned, else what the
+    /// device said.
     pub(crate) fn result(&self) -> isize {
+        if self.cancel_requested || matches!(self.waiter, Waiter::Gone) {
+            return ECANCELED.to_errno() as isize;
+        }
         match (self.error, self.short) {
             (Some(e), _) => e,
             (None, true) => EIO.to_errno() as isize,
@@ -145,6 +151,7 @@ pub(crate) struct Finished {
     pending: Option<PendingIocb>,
     result: isize,
     id: u64,
+    cancelled: bool,
 }
 
 impl Finished {
@@ -168,15 +175,20 @@ impl Finished {
             }
             Waiter::Arming | Waiter::Sync => None,
         };
-        Some(Finished { mapping: req.mapping, pending, result, id: req.id })
+        let cancelled = req.cancel_requested && pending.is_some();
+        Some(Finished { mapping: req.mapping, pending, result, id: req.id, cancelled })
     }
 
     /// Unmap and unpin first, then tell the waiter. Outside every queue lock.
     pub(crate) fn finish(self, dev: &AioDev) {
         dev.release_mapping(self.mapping);
         if let Some(p) = self.pending {
-            dev.count_async(self.result);
-            crate::kdebug!("req {}: completed, ki_complete({})\n", self.id, self.result);
+            dev.count_async(self.result, self.cancelled);
+            if self.cancelled {
+                crate::kdebug!("req {}: cancelled, ki_complete({})\n", self.id, self.result);
+            } else {
+                crate::kdebug!("req {}: completed, ki_complete({})\n", self.id, self.result);
+            }
             p.complete(self.result);
         }
     }

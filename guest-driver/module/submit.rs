@@ -98,8 +98,12 @@ impl AioDev {
         }
         let q = self.pick_queue();
         // SAFETY: the caller's contract; the device is bound inside the gate while not dead.
-        let Some(prepared) = (unsafe { self.prepare(q, op, pos, iter, flags) })? else {
-            return Ok(Submitted::Done(0));
+        let prepared = match unsafe { self.prepare(q, op, pos, iter, flags) } {
+            Ok(Some(p)) => p,
+            Ok(None) => return Ok(Submitted::Done(0)),
+            // io_uring retries -EAGAIN from a worker that may sleep in the allocator.
+            Err(e) if flags.nowait && e == ENOMEM => return Err(EAGAIN),
+            Err(e) => return Err(e),
         };
         // SAFETY: from here the request reaches the device: `enqueue` queues the kiocb (the
         // caller returns -EIOCBQUEUED) or disowns it before returning anything else.
@@ -151,7 +155,13 @@ impl AioDev {
             None => (None, 0),
         };
         if let Some(m) = mapping.as_ref() {
+            if m.bytes() == 0 {
+                return Ok(None);
+            }
             let segs = m.segments();
+            // Every part is full but the last, except where the byte limit cuts earlier.
+            let estimate = segs.len().div_ceil(seg_limit) + 1;
+            cuts.reserve(estimate, gfp)?;
             let mut first = 0;
             while first < segs.len() {
                 let mut count = 0;
@@ -271,7 +281,7 @@ impl AioDev {
                 // A reset or unbind failed the request meanwhile (and released its buffer).
                 drop(st);
                 p.disown();
-                return Err(EIO);
+                return Err(if self.dead.load(Acquire) { ENODEV } else { EIO });
             };
             r.waiter = Waiter::Async(p);
             kick = st.publish_parts(slot);
