@@ -129,6 +129,16 @@ build_initramfs() {
     busybox=$(command -v busybox)
     local inputs=("$busybox" "$IMAGES/init" "$IMAGES/l1init" "$IMAGES/demo" "$IMAGES/checked" "$MODULE")
     for tool in "${GUEST_TOOLS[@]}"; do inputs+=("$TOOLS_DIR/$tool"); done
+    # The debug kernel's misbehaving test modules (kernel-debug.config), which the tests load to
+    # prove that aiodma-checked's gates fail a run: a kmemleak report, a UBSAN report.
+    local extra_modules=() option ko
+    for option in SAMPLE_KMEMLEAK:samples/kmemleak/kmemleak-test.ko TEST_UBSAN:lib/test_ubsan.ko; do
+        ko=$KBUILD/${option#*:}
+        grep -qx "CONFIG_${option%%:*}=m" "$KBUILD/.config" || continue
+        [ -f "$ko" ] || die "missing $ko (CONFIG_${option%%:*}=m)"
+        extra_modules+=("$ko")
+    done
+    inputs+=("${extra_modules[@]}")
     key=$(hash_inputs "${inputs[@]}" "$(basename "$(dirname "$MODULE")")" "${GUEST_TOOLS[*]}")
     out="$AIODMA_CACHE/initramfs/$key"
     if [ -f "$out/initramfs.cpio.gz" ]; then
@@ -147,6 +157,8 @@ build_initramfs() {
         install -m 0755 "$IMAGES/demo" "$stage/bin/aiodma-demo"
         install -m 0755 "$IMAGES/checked" "$stage/bin/aiodma-checked"
         install -m 0644 "$MODULE" "$stage/lib/modules/aiodma.ko"
+        local extra
+        for extra in "${extra_modules[@]}"; do install -m 0644 "$extra" "$stage/lib/modules/"; done
         for tool in "${GUEST_TOOLS[@]}"; do install -m 0755 "$TOOLS_DIR/$tool" "$stage/bin/$tool"; done
         echo 'root:x:0:0:root:/root:/bin/sh' > "$stage/etc/passwd"
         mkdir -p "$out"

@@ -1,12 +1,14 @@
 //! The driver under the debug kernel (images/out/bzImage-debug: lockdep, atomic-sleep checks,
-//! list, slab and object debugging): the AIO paths, cancellation-free fault recovery and unbind
-//! run without a lockdep splat, a "sleeping function called from invalid context", or a BUG
-//! (the harness runs every guest command under `aiodma-checked`, which enforces that).
+//! list, slab and object debugging, KFENCE, UBSAN, kmemleak, fault injection): the AIO paths,
+//! cancellation-free fault recovery and unbind run without a lockdep splat, a "sleeping function
+//! called from invalid context", a BUG, a UBSAN report or a leak (the harness runs every guest
+//! command under `aiodma-checked`, which enforces that). The gates themselves are tested here
+//! too, with the kernel's own misbehaving test modules: a gate that cannot fail proves nothing.
 
 // Integration tests fail by panicking; helpers outside #[test] fns count too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use aiodma_tests::{artifact, Guest};
+use aiodma_tests::{artifact, Guest, RunOutcome};
 
 fn debug_guest() -> Guest {
     // The debug kernel is several times slower: a longer limit than Guest::new()'s.
@@ -27,6 +29,20 @@ fn debug_kernel_has_the_checkers() {
         "CONFIG_DEBUG_ATOMIC_SLEEP=y",
         "CONFIG_DEBUG_LIST=y",
         "CONFIG_SLUB_DEBUG=y",
+        "CONFIG_DEBUG_OBJECTS_TIMERS=y",
+        "CONFIG_DEBUG_OBJECTS_WORK=y",
+        "CONFIG_KFENCE=y",
+        "CONFIG_UBSAN=y",
+        "CONFIG_UBSAN_BOUNDS=y",
+        "CONFIG_UBSAN_SHIFT=y",
+        "CONFIG_DEBUG_KMEMLEAK=y",
+        // On from boot, not only with kmemleak=on on the command line.
+        "# CONFIG_DEBUG_KMEMLEAK_DEFAULT_OFF is not set",
+        "CONFIG_FAULT_INJECTION=y",
+        "CONFIG_FAILSLAB=y",
+        "CONFIG_FAIL_PAGE_ALLOC=y",
+        "CONFIG_FAULT_INJECTION_DEBUG_FS=y",
+        // The module is Rust: a checker that switched Rust off would leave nothing to check.
         "CONFIG_RUST=y",
     ] {
         assert!(
@@ -34,6 +50,62 @@ fn debug_kernel_has_the_checkers() {
             "debug kernel lacks {want}"
         );
     }
+    // No KASAN: with a GCC-built kernel it excludes Rust (init/Kconfig, `config RUST`:
+    // `depends on !KASAN || CC_IS_CLANG`); images/kernel-debug.config says what stands in.
+}
+
+/// The "aiodma-checked: kmemleak: N leaks" line of a run, as N.
+fn kmemleak_leaks(out: &RunOutcome) -> u64 {
+    let all = format!("{}{}", out.stdout, out.stderr);
+    let line = all
+        .lines()
+        .find_map(|l| l.split("aiodma-checked: kmemleak: ").nth(1))
+        .unwrap_or_else(|| panic!("no kmemleak line from aiodma-checked\n{}", out.report()));
+    line.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("bad kmemleak line {line:?}\n{}", out.report()))
+}
+
+#[test]
+fn checkers_are_live_in_the_debug_guest() {
+    // Fault injection is there to be switched on, KFENCE is sampling, and aiodma-checked's
+    // kmemleak scan ran after the command (module loaded, a little I/O) and found nothing.
+    let script = "set -e; \
+         for f in failslab fail_page_alloc; do \
+             test -w /sys/kernel/debug/$f/probability; test -w /sys/kernel/debug/$f/task-filter; \
+         done; \
+         grep -qx 'enabled: 1' /sys/kernel/debug/kfence/stats; \
+         aiodma-aio verify --engine libaio --qd 4 --requests 8; echo checkers-live";
+    let out = debug_guest().sh(script);
+    out.assert_code(0);
+    out.assert_stdout_contains("checkers-live");
+    assert_eq!(kmemleak_leaks(&out), 0, "{}", out.report());
+}
+
+#[test]
+fn kmemleak_gate_fails_a_leaking_run() {
+    // The kernel's kmemleak sample orphans kmallocs and vmallocs when it loads: the run must fail
+    // with exit 99 and show them, or the gate is vacuous.
+    let out = debug_guest().run(&["insmod", "/lib/modules/kmemleak-test.ko"]);
+    out.assert_code(99);
+    assert!(kmemleak_leaks(&out) >= 8, "{}", out.report());
+    let all = format!("{}{}", out.stdout, out.stderr);
+    assert!(all.contains("unreferenced object"), "{}", out.report());
+}
+
+#[test]
+fn ubsan_report_fails_the_run() {
+    // The kernel's UBSAN test module shifts out of bounds, indexes past an array and loads
+    // invalid bools and enums at load: its reports must fail the run.
+    let out = debug_guest().run(&["insmod", "/lib/modules/test_ubsan.ko"]);
+    out.assert_code(99);
+    let all = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        all.contains("UBSAN: shift-out-of-bounds"),
+        "{}",
+        out.report()
+    );
 }
 
 #[test]
