@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Build the test guest: kernel, out-of-tree module, guest tools, initramfs and the fio layer.
 #
-#   images/build.sh [all|kernel|module|tools|initramfs|fio|debug]      (default: all)
+#   images/build.sh [all|kernel|module|tools|initramfs|fio|debug|lint]      (default: all)
 #
 # `debug` builds the debug variant (kernel.config + kernel-debug.config: lockdep, atomic-sleep
 # checks, list and slab debugging) with its own module and initramfs, published with a
-# `-debug` suffix; `all` includes it.
+# `-debug` suffix; `all` includes it. `lint` runs the kernel's own gates on the module (rustfmt
+# and clippy, see lint_module); `make lint` calls it.
 #
 # Every artifact lives in $AIODMA_CACHE (default ~/.cache/aiodma), in a directory named by a hash
 # of everything that affects it, so a fresh clone on the same machine reuses it and a change to
@@ -213,6 +214,52 @@ build_fio_layer() {
     link_out fio.cpio.gz "$out/fio.cpio.gz"
 }
 
+# The kernel's own gates on the module, as the kernel applies them to its in-tree Rust:
+#  - `make rustfmtcheck` is `rustfmt --check` over every .rs file with the tree's .rustfmt.toml,
+#    found by rustfmt next to the files; the module lives outside the tree (where rustfmt would
+#    find this workspace's rustfmt.toml instead), so the kernel's file is passed explicitly. The
+#    rustfmt is the one on PATH, the same `RUSTFMT = rustfmt` the kernel's Makefile uses.
+#  - `make CLIPPY=1` compiles the Rust with clippy-driver instead of rustc, with the kernel's
+#    lint set (its .clippy.toml through CLIPPY_CONF_DIR); the module's Kbuild adds -Dwarnings,
+#    so every finding fails the build. Against the test kernel's build, into a scratch MO=
+#    directory: the module cache is not touched.
+# A clean result is remembered by a hash of its inputs, so a second `make lint` skips both.
+lint_module() {
+    [ -n "${KBUILD:-}" ] || build_kernel
+    local start mod key out rs_status=0 clippy_status=0
+    start=$(now_ns)
+    mod="$AIODMA_ROOT/guest-driver/module"
+    key=$(hash_inputs "$(basename "$KBUILD")" "$mod" "$AIODMA_ROOT/device/src/abi.rs" \
+        "$KSRC/.rustfmt.toml" "$(rustfmt --version)" "$(clippy-driver --version)")
+    out="$AIODMA_CACHE/lint/$key"
+    if [ -f "$out/clean" ]; then
+        step_done module-lint cached "$start"
+        return
+    fi
+    rm -rf "$out" && mkdir -p "$out/build"
+    # The crate root reaches its `mod` files too, so a file's diff can come twice: print each
+    # "Diff in FILE:LINE:" block once.
+    (cd "$mod" && rustfmt --check --color never --config-path "$KSRC/.rustfmt.toml" ./*.rs) > "$out/rustfmt.log" 2>&1 \
+        || rs_status=$?
+    if [ "$rs_status" -ne 0 ]; then
+        awk 'BEGIN { keep = 1 } /^Diff in / { keep = !seen[$0]++ } keep' "$out/rustfmt.log" >&2
+        log "module rustfmt: these files differ from the kernel's rustfmt style (run rustfmt --config-path $KSRC/.rustfmt.toml on them):"
+        grep '^Diff in ' "$out/rustfmt.log" | sed -E 's/^Diff in (.*):[0-9]+:$/    \1/' | sort -u >&2 || true
+    fi
+    make -C "$KSRC" O="$KBUILD" M="$mod" MO="$out/build" CLIPPY=1 modules > "$out/clippy.log" 2>&1 \
+        || clippy_status=$?
+    if [ "$clippy_status" -ne 0 ]; then
+        cat "$out/clippy.log" >&2
+        log "module clippy (CLIPPY=1 build, -Dwarnings): $(grep -E '^(error|warning)(\[|:)' "$out/clippy.log" | grep -vc 'aborting due to') diagnostics above (log: $out/clippy.log)"
+    fi
+    if [ "$rs_status" -ne 0 ] || [ "$clippy_status" -ne 0 ]; then
+        die "module lint failed (rustfmt: $([ "$rs_status" -eq 0 ] && echo clean || echo differs), clippy: $([ "$clippy_status" -eq 0 ] && echo clean || echo findings))"
+    fi
+    rm -rf "$out/build"
+    touch "$out/clean"
+    step_done module-lint clean "$start"
+}
+
 what=${1:-all}
 case "$what" in
     all)
@@ -225,5 +272,6 @@ case "$what" in
     tools) build_tools ;;
     initramfs) build_initramfs ;;
     fio) build_fio_layer ;;
-    *) echo "usage: $0 [all|kernel|module|tools|initramfs|fio|debug]" >&2; exit 2 ;;
+    lint) lint_module ;;
+    *) echo "usage: $0 [all|kernel|module|tools|initramfs|fio|debug|lint]" >&2; exit 2 ;;
 esac

@@ -59,6 +59,14 @@ if ! rustup component list --installed 2>/dev/null | grep -q '^rust-src'; then
     log "rustup component add rust-src"
     rustup component add rust-src
 fi
+# rustfmt and clippy-driver: `make lint` runs the kernel's rustfmt check and CLIPPY=1 build on the
+# module (images/build.sh lint), besides cargo fmt and cargo clippy.
+for component in rustfmt clippy; do
+    if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then
+        log "rustup component add $component"
+        rustup component add "$component"
+    fi
+done
 if ! rustup target list --installed 2>/dev/null | grep -q '^x86_64-unknown-linux-musl$'; then
     log "rustup target add x86_64-unknown-linux-musl (static guest tools)"
     rustup target add x86_64-unknown-linux-musl
