@@ -15,15 +15,15 @@
 
 use kernel::{
     device::Core,
-    dma::{DmaMask, Device as _},
+    dma::{Device as _, DmaMask},
     irq::{self, IrqReturn},
     pci,
     prelude::*,
     sync::Arc,
 };
 
-// The ABI is shared with host code, where its items are public API.
-#[allow(unreachable_pub, dead_code)]
+// The ABI is shared with host code, where its items are public API (it allows dead code itself).
+#[allow(unreachable_pub)]
 #[path = "../../device/src/abi.rs"]
 mod abi;
 
@@ -108,12 +108,16 @@ impl Drop for NameSlot {
 /// Vendor 0x1234 is not in the kernel's vendor table, whose constructor is private.
 // SAFETY: `pci::Vendor` is `#[repr(transparent)]` over the 16-bit vendor ID, and every 16-bit
 // value is a vendor ID the PCI core can match.
-const VENDOR: pci::Vendor = unsafe { core::mem::transmute::<u16, pci::Vendor>(abi::pci_id::VENDOR) };
+const VENDOR: pci::Vendor =
+    unsafe { core::mem::transmute::<u16, pci::Vendor>(abi::pci_id::VENDOR) };
 
 kernel::pci_device_table!(
     PCI_TABLE,
     <AiodmaDriver as pci::Driver>::IdInfo,
-    [(pci::DeviceId::from_id(VENDOR, abi::pci_id::DEVICE as u32), ())]
+    [(
+        pci::DeviceId::from_id(VENDOR, abi::pci_id::DEVICE as u32),
+        ()
+    )]
 );
 
 /// A queue's interrupt: completions run in the threaded half (process context), where
@@ -185,7 +189,11 @@ fn setup<'bound>(pdev: &'bound pci::Device<Core<'_>>) -> Result<(Arc<dev::AioDev
     // least a header, one data and one status descriptor, so smaller rings are refused.
     let size = QUEUE_SIZE.min(1u16 << (15 - config.queue_size_max.leading_zeros()));
     if size < 4 {
-        dev_err!(pdev, "queue size {} is too small (need 4)\n", config.queue_size_max);
+        dev_err!(
+            pdev,
+            "queue size {} is too small (need 4)\n",
+            config.queue_size_max
+        );
         return Err(ENODEV);
     }
     let bar = bar.into_devres()?;
@@ -224,7 +232,10 @@ impl pci::Driver for AiodmaDriver {
                 unsafe { &*core::ptr::from_ref(&*vectors) };
             let mut irqs = KVec::with_capacity(usize::from(nq), GFP_KERNEL)?;
             for i in 0..usize::from(nq) {
-                let handler = QueueIrq { dev: aio.clone(), index: i };
+                let handler = QueueIrq {
+                    dev: aio.clone(),
+                    index: i,
+                };
                 // SAFETY: the registration is stored in the driver data and dropped normally.
                 let reg = unsafe {
                     irq::ThreadedRegistration::new(

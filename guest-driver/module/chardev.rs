@@ -7,7 +7,9 @@
 
 use core::ffi::{c_int, c_uint, c_void};
 
-use kernel::{bindings, error::to_result, prelude::*, sync::Arc, types::ForeignOwnable, types::Opaque};
+use kernel::{
+    bindings, error::to_result, prelude::*, sync::Arc, types::ForeignOwnable, types::Opaque,
+};
 
 use crate::{
     abi,
@@ -106,7 +108,12 @@ unsafe extern "C" fn open(inode: *mut bindings::inode, file: *mut bindings::file
         let misc = (*file).private_data.cast::<bindings::miscdevice>();
         &*kernel::container_of!(Opaque::cast_from(misc).cast_mut(), Chardev, misc)
     };
-    let of = match Arc::new(OpenFile { dev: chardev.dev.clone() }, GFP_KERNEL) {
+    let of = match Arc::new(
+        OpenFile {
+            dev: chardev.dev.clone(),
+        },
+        GFP_KERNEL,
+    ) {
         Ok(of) => of,
         Err(e) => return Error::from(e).to_errno(),
     };
@@ -132,7 +139,7 @@ unsafe fn borrow_file<'a>(data: *mut c_void) -> &'a OpenFile {
     // SAFETY: see the function's contract.
     let arc = unsafe { Arc::<OpenFile>::borrow(data) };
     // SAFETY: the file (and so the Arc) is alive for the whole file operation.
-    unsafe { &*(&*arc as *const OpenFile) }
+    unsafe { &*core::ptr::from_ref::<OpenFile>(&arc) }
 }
 
 /// # Safety
@@ -140,15 +147,25 @@ unsafe fn borrow_file<'a>(data: *mut c_void) -> &'a OpenFile {
 /// files.
 unsafe fn rw(kiocb: *mut bindings::kiocb, iter: *mut bindings::iov_iter, op: u32) -> isize {
     // SAFETY: the VFS passes the live kiocb of this call.
-    let Some(k) = (unsafe { KiocbRef::new(kiocb) }) else { return EINVAL.to_errno() as isize };
+    let Some(k) = (unsafe { KiocbRef::new(kiocb) }) else {
+        return EINVAL.to_errno() as isize;
+    };
     // SAFETY: the kiocb's file is one of ours.
     let of = unsafe { borrow_file(k.private_data()) };
-    let flags = SubmitFlags { nowait: k.nowait(), dsync: k.dsync() };
+    let flags = SubmitFlags {
+        nowait: k.nowait(),
+        dsync: k.dsync(),
+    };
     if k.is_sync() {
         // SAFETY: the caller's contract.
         return unsafe { rw_sync(&of.dev, k, iter, op, flags) };
     }
-    crate::kdebug!("kiocb {:p}: submitted async op {} pos {}\n", kiocb, op, k.pos());
+    crate::kdebug!(
+        "kiocb {:p}: submitted async op {} pos {}\n",
+        kiocb,
+        op,
+        k.pos()
+    );
     // SAFETY: `iter` and `k` are this call's; `submit` queues the kiocb (we return
     // -EIOCBQUEUED) or leaves it to aio/io_uring when it returns anything else.
     match unsafe { of.dev.submit(op, k.pos(), Some(iter), Some(k), flags) } {
@@ -171,7 +188,13 @@ unsafe fn rw(kiocb: *mut bindings::kiocb, iter: *mut bindings::iov_iter, op: u32
 ///
 /// # Safety
 /// `iter` is the live iterator of this call.
-unsafe fn rw_sync(dev: &AioDev, k: KiocbRef, iter: *mut bindings::iov_iter, op: u32, flags: SubmitFlags) -> isize {
+unsafe fn rw_sync(
+    dev: &AioDev,
+    k: KiocbRef,
+    iter: *mut bindings::iov_iter,
+    op: u32,
+    flags: SubmitFlags,
+) -> isize {
     let mut total = 0usize;
     loop {
         let pos = k.pos() + total as i64;
@@ -219,14 +242,22 @@ unsafe extern "C" fn llseek(file: *mut bindings::file, offset: i64, whence: c_in
 
 /// # Safety
 /// VFS `fsync` contract for one of our files.
-unsafe extern "C" fn fsync(file: *mut bindings::file, _start: i64, _end: i64, _datasync: c_int) -> c_int {
+unsafe extern "C" fn fsync(
+    file: *mut bindings::file,
+    _start: i64,
+    _end: i64,
+    _datasync: c_int,
+) -> c_int {
     // SAFETY: one of our files.
     let of = unsafe { borrow_file((*file).private_data) };
     if of.dev.features & abi::feature::FLUSH == 0 {
         return 0;
     }
     // SAFETY: no iterator and no kiocb: a synchronous FLUSH.
-    match unsafe { of.dev.submit(abi::op::FLUSH, 0, None, None, SubmitFlags::default()) } {
+    match unsafe {
+        of.dev
+            .submit(abi::op::FLUSH, 0, None, None, SubmitFlags::default())
+    } {
         Ok(_) => 0,
         Err(e) => e.to_errno(),
     }
@@ -260,7 +291,11 @@ unsafe extern "C" fn ioctl(file: *mut bindings::file, cmd: c_uint, arg: usize) -
             let size = core::mem::size_of::<abi::DeviceInfo>();
             // SAFETY: `info` is a plain repr(C) value of `size` bytes.
             let left = unsafe {
-                bindings::_copy_to_user(arg as *mut c_void, (&raw const info).cast::<c_void>(), size as _)
+                bindings::_copy_to_user(
+                    arg as *mut c_void,
+                    (&raw const info).cast::<c_void>(),
+                    size,
+                )
             };
             if left != 0 {
                 EFAULT.to_errno() as isize

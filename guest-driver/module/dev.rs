@@ -174,7 +174,13 @@ impl AioDev {
                 let ring = st.ring.as_ref().ok_or(ENODEV)?;
                 let (desc, driver, device) = ring.addrs();
                 // CAST: at most MAX_QUEUES queues.
-                hw::QueueAddrs { size: ring.size(), desc, driver, device, vector: i as u16 }
+                hw::QueueAddrs {
+                    size: ring.size(),
+                    desc,
+                    driver,
+                    device,
+                    vector: i as u16,
+                }
             };
             addrs.push(a, GFP_KERNEL)?;
         }

@@ -133,7 +133,7 @@ impl PendingIocb {
         // call it may be freed, and `self` was consumed so it is never touched again.
         unsafe {
             if let Some(done) = (*k).ki_complete {
-                done(k, res as _);
+                done(k, res);
             }
         }
     }
@@ -152,7 +152,7 @@ impl Drop for PendingIocb {
         // SAFETY: as in `complete`; `drop` runs at most once.
         unsafe {
             if let Some(done) = (*k).ki_complete {
-                done(k, EIO.to_errno() as _);
+                done(k, EIO.to_errno() as isize);
             }
         }
     }

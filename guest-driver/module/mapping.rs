@@ -29,7 +29,7 @@ pub(crate) struct Mapping {
 // before unbind completes) and pinned pages; both may be used from any thread.
 unsafe impl Send for Mapping {}
 
-const PAGE_SIZE: usize = bindings::PAGE_SIZE as usize;
+const PAGE_SIZE: usize = bindings::PAGE_SIZE;
 
 fn direction(from_device: bool) -> bindings::dma_data_direction {
     if from_device {
@@ -108,14 +108,27 @@ impl Mapping {
                 // SAFETY: the page is pinned (or owned by the iterator's owner) and `dev` is
                 // bound.
                 let addr = unsafe {
-                    bindings::dma_map_page_attrs(dev, m.pages[i], offset, len, direction(from_device), 0)
+                    bindings::dma_map_page_attrs(
+                        dev,
+                        m.pages[i],
+                        offset,
+                        len,
+                        direction(from_device),
+                        0,
+                    )
                 };
                 if addr == u64::MAX {
                     // `m` drops: unmaps what was mapped, unpins every extracted page.
                     return Err(ENOMEM);
                 }
                 // CAST: len <= PAGE_SIZE. One segment per page: within the reserved capacity.
-                m.segments.push(Segment { addr, len: len as u32 }, gfp)?;
+                m.segments.push(
+                    Segment {
+                        addr,
+                        len: len as u32,
+                    },
+                    gfp,
+                )?;
                 m.bytes += len;
                 left -= len;
                 offset = 0;
@@ -154,7 +167,7 @@ impl Drop for Mapping {
             unsafe {
                 bindings::unpin_user_pages_dirty_lock(
                     self.pages.as_mut_ptr(),
-                    self.pages.len() as _,
+                    self.pages.len(),
                     self.from_device,
                 )
             };

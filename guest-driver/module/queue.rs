@@ -80,7 +80,10 @@ impl QueueState {
 
     /// A free slot, if the ring has room for `first_wave` descriptors.
     pub(crate) fn slot_with_room(&self, first_wave: usize) -> Option<usize> {
-        let room = self.ring.as_ref().is_some_and(|r| usize::from(r.num_free()) >= first_wave);
+        let room = self
+            .ring
+            .as_ref()
+            .is_some_and(|r| usize::from(r.num_free()) >= first_wave);
         if room {
             self.requests.iter().position(Option::is_none)
         } else {
@@ -108,7 +111,15 @@ impl QueueState {
     /// Publish request `slot`'s next parts while the ring has room and the request stays
     /// within `part_limit` parts on the device. Returns whether the device needs a kick.
     pub(crate) fn publish_parts(&mut self, slot: usize) -> bool {
-        let QueueState { ring, parts, requests, chain, part_limit, last_progress, .. } = self;
+        let QueueState {
+            ring,
+            parts,
+            requests,
+            chain,
+            part_limit,
+            last_progress,
+            ..
+        } = self;
         let (Some(ring), Some(Some(req))) = (ring.as_mut(), requests.get_mut(slot)) else {
             return false;
         };
@@ -132,9 +143,18 @@ impl QueueState {
                 reserved: 0,
             };
             let haddr = ring.put_header(head, &header);
-            ring.set_desc(chain, 0, haddr, core::mem::size_of::<abi::RequestHeader>() as u32, false);
+            ring.set_desc(
+                chain,
+                0,
+                haddr,
+                core::mem::size_of::<abi::RequestHeader>() as u32,
+                false,
+            );
             if let Some(m) = req.mapping.as_ref() {
-                for (k, s) in m.segments()[cut.first..cut.first + cut.count].iter().enumerate() {
+                for (k, s) in m.segments()[cut.first..cut.first + cut.count]
+                    .iter()
+                    .enumerate()
+                {
                     ring.set_desc(chain, k + 1, s.addr, s.len, op != abi::op::WRITE);
                 }
             }
@@ -155,7 +175,12 @@ impl QueueState {
             *last_progress = req.progress;
         }
         if req.next_cut > 1 && req.next_cut < req.cuts.len() {
-            crate::kdebug!("req {}: {} of {} parts published\n", req.id, req.next_cut, req.cuts.len());
+            crate::kdebug!(
+                "req {}: {} of {} parts published\n",
+                req.id,
+                req.next_cut,
+                req.cuts.len()
+            );
         }
         kick
     }
@@ -163,7 +188,12 @@ impl QueueState {
     /// A part came back: fold its result into its request, publish the request's next parts,
     /// or take it apart once settled. Returns whether the device needs a kick, and a finished
     /// request to release outside the lock.
-    pub(crate) fn part_done(&mut self, head: u16, status: u8, used_len: u32) -> (bool, Option<Finished>) {
+    pub(crate) fn part_done(
+        &mut self,
+        head: u16,
+        status: u8,
+        used_len: u32,
+    ) -> (bool, Option<Finished>) {
         let Some(part) = self.parts.get_mut(usize::from(head)).and_then(Option::take) else {
             // A head we never published (or already saw): the device lies; ignore it, the
             // request it might belong to times out.
@@ -199,7 +229,10 @@ impl QueueState {
             };
             if req.wants_more() {
                 kick |= self.publish_parts(slot);
-            } else if req.settled() && req.outcome.is_none() && !matches!(req.waiter, Waiter::Arming) {
+            } else if req.settled()
+                && req.outcome.is_none()
+                && !matches!(req.waiter, Waiter::Arming)
+            {
                 let result = req.result();
                 if let Some(f) = Finished::take(&mut self.requests, slot, result) {
                     return (kick, Some(f));
@@ -214,7 +247,12 @@ impl QueueState {
     /// between: `late_res` for a request with a part older than `timeout_ms`, `other_res` for
     /// the rest. Their buffers are released afterwards (`take_failed`). Returns how many
     /// requests timed out.
-    pub(crate) fn forget_device(&mut self, timeout_ms: u32, late_res: isize, other_res: isize) -> u64 {
+    pub(crate) fn forget_device(
+        &mut self,
+        timeout_ms: u32,
+        late_res: isize,
+        other_res: isize,
+    ) -> u64 {
         for p in self.parts.iter_mut() {
             *p = None;
         }
@@ -223,7 +261,12 @@ impl QueueState {
         }
         self.last_progress = Instant::now();
         let mut late_count = 0;
-        for r in self.requests.iter_mut().flatten().filter(|r| r.outcome.is_none()) {
+        for r in self
+            .requests
+            .iter_mut()
+            .flatten()
+            .filter(|r| r.outcome.is_none())
+        {
             let late = r.overdue(timeout_ms);
             if late {
                 late_count += 1;
@@ -238,10 +281,10 @@ impl QueueState {
     /// left, else what to release outside the lock (nothing for a synchronous request: its
     /// caller is woken and collects its outcome).
     pub(crate) fn take_failed(&mut self) -> Option<Option<Finished>> {
-        let slot = self
-            .requests
-            .iter()
-            .position(|r| r.as_ref().is_some_and(|r| r.outcome.is_none() && r.error.is_some() && r.settled()))?;
+        let slot = self.requests.iter().position(|r| {
+            r.as_ref()
+                .is_some_and(|r| r.outcome.is_none() && r.error.is_some() && r.settled())
+        })?;
         let result = self.requests[slot].as_ref()?.result();
         Some(Finished::take(&mut self.requests, slot, result))
     }
@@ -250,6 +293,10 @@ impl QueueState {
     /// moved for `timeout_ms`.
     pub(crate) fn stalled(&self, timeout_ms: u32) -> bool {
         (self.room_waiters > 0 && self.last_progress.elapsed().as_millis() > i64::from(timeout_ms))
-            || self.requests.iter().flatten().any(|r| r.overdue(timeout_ms))
+            || self
+                .requests
+                .iter()
+                .flatten()
+                .any(|r| r.overdue(timeout_ms))
     }
 }

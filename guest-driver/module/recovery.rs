@@ -135,7 +135,10 @@ impl AioDev {
     fn fail_all(&self, late_res: isize, other_res: isize) -> usize {
         let mut failed = 0;
         for q in self.queues.iter() {
-            let late = q.state.lock().forget_device(self.timeout_ms, late_res, other_res);
+            let late = q
+                .state
+                .lock()
+                .forget_device(self.timeout_ms, late_res, other_res);
             self.stats.timeouts.fetch_add(late, Relaxed);
             // Synchronous callers collect their own; the rest leave the table here.
             q.wait.wake_all();

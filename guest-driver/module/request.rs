@@ -46,7 +46,12 @@ pub(crate) struct Cut {
 
 impl Cut {
     /// A FLUSH part: no data; published only once every earlier part has returned.
-    pub(crate) const FLUSH: Cut = Cut { first: 0, count: 0, bytes: 0, flush: true };
+    pub(crate) const FLUSH: Cut = Cut {
+        first: 0,
+        count: 0,
+        bytes: 0,
+        flush: true,
+    };
 }
 
 pub(crate) struct Request {
@@ -158,7 +163,11 @@ impl Finished {
     /// Take settled request `slot` apart (under the queue lock) with `result`. An asynchronous,
     /// abandoned or arming request leaves the table; a synchronous one stays, with its outcome,
     /// for its caller (who is woken by the caller of this), and yields nothing here.
-    pub(crate) fn take(requests: &mut KVec<Option<Request>>, slot: usize, result: isize) -> Option<Self> {
+    pub(crate) fn take(
+        requests: &mut KVec<Option<Request>>,
+        slot: usize,
+        result: isize,
+    ) -> Option<Self> {
         let entry = requests.get_mut(slot)?;
         if let Some(req) = entry.as_mut() {
             if matches!(req.waiter, Waiter::Sync) {
@@ -176,7 +185,13 @@ impl Finished {
             Waiter::Arming | Waiter::Sync => None,
         };
         let cancelled = req.cancel_requested && pending.is_some();
-        Some(Finished { mapping: req.mapping, pending, result, id: req.id, cancelled })
+        Some(Finished {
+            mapping: req.mapping,
+            pending,
+            result,
+            id: req.id,
+            cancelled,
+        })
     }
 
     /// Unmap and unpin first, then tell the waiter. Outside every queue lock.

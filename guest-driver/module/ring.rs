@@ -147,7 +147,14 @@ impl Ring {
     }
 
     /// Fill descriptor `chain[k]` (linking it to `chain[k + 1]` if there is one).
-    pub(crate) fn set_desc(&mut self, chain: &[u16], k: usize, addr: u64, len: u32, writable: bool) {
+    pub(crate) fn set_desc(
+        &mut self,
+        chain: &[u16],
+        k: usize,
+        addr: u64,
+        len: u32,
+        writable: bool,
+    ) {
         let last = k + 1 == chain.len();
         let mut flags = if writable { abi::desc_flags::WRITE } else { 0 };
         let next = if last { 0 } else { chain[k + 1] };
@@ -193,7 +200,8 @@ impl Ring {
 
     /// Bus address of `head`'s status byte.
     pub(crate) fn status_addr(&self, head: u16) -> u64 {
-        self.mem.dma_address() + (self.slots + usize::from(head) * SLOT_BYTES + STATUS_OFFSET) as u64
+        self.mem.dma_address()
+            + (self.slots + usize::from(head) * SLOT_BYTES + STATUS_OFFSET) as u64
     }
 
     /// The status byte the device wrote for `head`.

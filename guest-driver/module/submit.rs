@@ -26,7 +26,7 @@ use crate::{
 /// Most bytes one request pins; a larger read or write ends short there (a caller of plain
 /// read/write never sees it: the synchronous path continues with further requests).
 const MAX_REQUEST_BYTES: usize = 8 << 20;
-const PAGE_SIZE: usize = bindings::PAGE_SIZE as usize;
+const PAGE_SIZE: usize = bindings::PAGE_SIZE;
 /// Most pages `MAX_REQUEST_BYTES` can touch at any alignment.
 const MAX_REQUEST_PAGES: usize = MAX_REQUEST_BYTES / PAGE_SIZE + 1;
 
@@ -124,7 +124,13 @@ impl AioDev {
         flags: SubmitFlags,
     ) -> Result<Option<Prepared>> {
         let gfp: Flags = if flags.nowait { GFP_NOWAIT } else { GFP_KERNEL };
-        let ring_size = q.state.lock().ring.as_ref().map(|r| r.size()).ok_or(ENODEV)?;
+        let ring_size = q
+            .state
+            .lock()
+            .ring
+            .as_ref()
+            .map(|r| r.size())
+            .ok_or(ENODEV)?;
         let (seg_limit, byte_limit, part_limit) = part_limits(&self.config, ring_size);
         let mut cuts: KVec<Cut> = KVec::new();
         let (mapping, start) = match iter {
@@ -135,7 +141,11 @@ impl AioDev {
                 let start = pos as u64;
                 let cap = self.config.capacity;
                 if start >= cap {
-                    return if op == abi::op::WRITE { Err(ENOSPC) } else { Ok(None) };
+                    return if op == abi::op::WRITE {
+                        Err(ENOSPC)
+                    } else {
+                        Ok(None)
+                    };
                 }
                 // SAFETY: `it` is live (caller contract).
                 let want = unsafe { iter_len(it) };
@@ -147,9 +157,13 @@ impl AioDev {
                 // Room for the pages this iterator can touch, not for the largest request.
                 // SAFETY: `it` is live.
                 let pages = unsafe { bindings::iov_iter_npages(it, MAX_REQUEST_PAGES as c_int) };
-                let pages = usize::try_from(pages).unwrap_or(0).clamp(1, MAX_REQUEST_PAGES);
+                let pages = usize::try_from(pages)
+                    .unwrap_or(0)
+                    .clamp(1, MAX_REQUEST_PAGES);
                 // SAFETY: `it` is live (caller contract); the device is bound.
-                let m = unsafe { Mapping::new(self.raw_dev(), it, len, pages, op == abi::op::READ, gfp)? };
+                let m = unsafe {
+                    Mapping::new(self.raw_dev(), it, len, pages, op == abi::op::READ, gfp)?
+                };
                 (Some(m), start)
             }
             None => (None, 0),
@@ -176,7 +190,15 @@ impl AioDev {
                 if count == 0 {
                     return Err(EINVAL);
                 }
-                cuts.push(Cut { first, count, bytes, flush: false }, gfp)?;
+                cuts.push(
+                    Cut {
+                        first,
+                        count,
+                        bytes,
+                        flush: false,
+                    },
+                    gfp,
+                )?;
                 first += count;
             }
         }
@@ -206,7 +228,12 @@ impl AioDev {
     ) -> Result<Submitted> {
         let id = self.next_id.fetch_add(1, Relaxed);
         let is_async = pending.is_some();
-        let (op, len, start, nparts) = (prepared.op, prepared.len, prepared.start, prepared.cuts.len());
+        let (op, len, start, nparts) = (
+            prepared.op,
+            prepared.len,
+            prepared.start,
+            prepared.cuts.len(),
+        );
         let first_wave = prepared.first_wave;
         let mut prepared = Some(prepared);
         let mut sleeping = false;
@@ -216,8 +243,9 @@ impl AioDev {
             let mut st = q.state.lock();
             let verdict = if self.dead.load(Acquire) || st.ring.is_none() {
                 Some(Err(ENODEV))
-            } else if let Some(slot) =
-                st.slot_with_room(first_wave).filter(|_| !self.resetting.load(Acquire))
+            } else if let Some(slot) = st
+                .slot_with_room(first_wave)
+                .filter(|_| !self.resetting.load(Acquire))
             {
                 let p = prepared.take()?;
                 let generation = st.insert(
@@ -234,7 +262,11 @@ impl AioDev {
                         error: None,
                         short: false,
                         mapping: p.mapping,
-                        waiter: if is_async { Waiter::Arming } else { Waiter::Sync },
+                        waiter: if is_async {
+                            Waiter::Arming
+                        } else {
+                            Waiter::Sync
+                        },
                         progress: Instant::now(),
                         cancel_requested: false,
                         outcome: None,
@@ -287,7 +319,15 @@ impl AioDev {
             kick = st.publish_parts(slot);
         }
         self.stats.submitted.fetch_add(1, Relaxed);
-        kdebug!("req {}: queued on q{} op {} len {} pos {} in {} part(s)\n", id, q.index, op, len, start, nparts);
+        kdebug!(
+            "req {}: queued on q{} op {} len {} pos {} in {} part(s)\n",
+            id,
+            q.index,
+            op,
+            len,
+            start,
+            nparts
+        );
         if kick {
             self.kick(q);
         }
@@ -317,7 +357,9 @@ impl AioDev {
                 let abandoned = {
                     let mut st = q.state.lock();
                     match st.request_mut(slot, generation) {
-                        Some(r) if r.outcome.is_some() || r.in_flight == 0 => st.requests[slot].take(),
+                        Some(r) if r.outcome.is_some() || r.in_flight == 0 => {
+                            st.requests[slot].take()
+                        }
                         Some(r) => {
                             r.waiter = Waiter::Gone;
                             None
