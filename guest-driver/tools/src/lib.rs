@@ -3,10 +3,15 @@
 #[path = "../../../device/src/abi.rs"]
 pub mod abi;
 
+pub mod abandon;
 pub mod aio;
 pub mod bench;
 pub mod cancel;
+pub mod churn;
 pub mod edge;
+pub mod nowait;
 pub mod port;
+pub mod proc;
+pub mod sigstorm;
 pub mod suite;
 pub mod util;

@@ -5,10 +5,14 @@ use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use aiodma_guest_tools::abandon::{self, AbandonOpts};
 use aiodma_guest_tools::aio;
 use aiodma_guest_tools::bench::{self, BenchOpts, Engine, Pattern, Row, Stop};
 use aiodma_guest_tools::cancel::{self, CancelOpts};
+use aiodma_guest_tools::churn::{self, ChurnOpts, Mode};
 use aiodma_guest_tools::edge::{self, EdgeOpts};
+use aiodma_guest_tools::nowait::{self, NowaitOpts};
+use aiodma_guest_tools::sigstorm::{self, SigstormOpts};
 use aiodma_guest_tools::suite::{self, SuiteOpts};
 use aiodma_guest_tools::util::{device_info, open_dev, parse_secs, parse_size, pattern, Rng};
 
@@ -25,6 +29,27 @@ usage: aiodma-aio COMMAND [--dev PATH] [options]   (PATH defaults to /dev/aiodma
   cancel [--requests N] [--bs BYTES] [--timeout SECS] [--settle SECS] [--base BYTES]
                             io_cancel, io_uring cancel, exit, close and io_destroy with requests
                             in flight (run under a delay fault); fails on hang/lost/duplicate
+  abandon [--timeout-ms N] [--sync N] [--cancel N] [--exit N] [--uring N] [--batch N]
+          [--ring N] [--wait SECS] [--slack SECS] [--base BYTES]
+                            the wedge: requests abandoned by SIGKILLed sync readers, io_cancel
+                            and exit while the device drops reads (run under
+                            --fault drop:every=1,op=read with aiodma.timeout_ms=N); then writes
+                            must complete within 2 x timeout and the driver must count
+                            timeouts and resets
+  sigstorm [--workers N] [--bs BYTES] [--secs SECS] [--period-us N] [--restart on|off|both]
+           [--settle SECS] [--stall SECS] [--base BYTES] [--seed N]
+                            sync readers/writers under SIGSTOP/SIGCONT/SIGALRM every period:
+                            full counts or EINTR only, no stale or misordered data
+  nowait [--qd N] [--bs BYTES] [--secs SECS] [--span BYTES] [--base BYTES] [--stall SECS]
+         [--write-pct N] [--make-it-fail] [--seed N]
+                            io_uring RWF_NOWAIT reads/writes at QD N; errors counted, a hang,
+                            lost/duplicate completion or bad data fails (--make-it-fail: under
+                            failslab/fail_page_alloc with task-filter)
+  churn [--iterations N] [--mode unbind|rmmod|both] [--hold SECS] [--stall SECS] [--qd N]
+        [--sync-workers N] [--bs BYTES] [--span BYTES] [--base BYTES] [--bdf B]
+        [--module PATH] [--params 'a=1 b=2']
+                            unbind/bind and rmmod/insmod with libaio, io_uring and sync I/O
+                            going: every request completes once, nothing hangs
   bench [--engine E] [--bs BYTES] [--qd N] [--rw read|write|randread|randwrite|rw|randrw]
         [--time SECS | --requests N] [--seed N] [--span BYTES] [--buffered] [--json] [--header]
                             IOPS, MB/s and submit-to-complete latency p50/p99/p99.9 (us);
@@ -201,6 +226,178 @@ fn parse_cancel(a: &mut Args) -> Result<CancelOpts, Usage> {
     if o.requests == 0 || o.requests > 255 || o.bs == 0 {
         return Err(Usage(
             "cancel: --requests must be 1..=255 and --bs at least 1".into(),
+        ));
+    }
+    Ok(o)
+}
+
+fn parse_abandon(a: &mut Args) -> Result<AbandonOpts, Usage> {
+    let mut o = AbandonOpts {
+        dev: "/dev/aiodma0".into(),
+        timeout_ms: 1000,
+        sync: 60,
+        cancel: 60,
+        exit: 60,
+        uring: 8,
+        batch: 12,
+        bs: 4096,
+        base: 8 << 20,
+        ring: 256,
+        wait: Duration::from_millis(300),
+        slack: Duration::from_secs(1),
+    };
+    while let Some(f) = a.next() {
+        match f {
+            "--dev" => o.dev = a.value(f)?.into(),
+            "--timeout-ms" => o.timeout_ms = a.num(f)?,
+            "--sync" => o.sync = a.num(f)?,
+            "--cancel" => o.cancel = a.num(f)?,
+            "--exit" => o.exit = a.num(f)?,
+            "--uring" => o.uring = a.num(f)?,
+            "--batch" => o.batch = a.num(f)?,
+            "--ring" => o.ring = a.num(f)?,
+            "--wait" => o.wait = a.secs(f)?,
+            "--slack" => o.slack = a.secs(f)?,
+            "--base" => o.base = a.size(f)?,
+            other => return Err(a.unknown(other)),
+        }
+    }
+    if o.timeout_ms == 0 || o.batch == 0 || o.batch > 64 || o.ring == 0 || o.uring > 256 {
+        return Err(Usage(
+            "abandon: --timeout-ms, --batch (1..=64) and --ring must be positive, --uring at most 256"
+                .into(),
+        ));
+    }
+    Ok(o)
+}
+
+fn parse_sigstorm(a: &mut Args) -> Result<SigstormOpts, Usage> {
+    let mut o = SigstormOpts {
+        dev: "/dev/aiodma0".into(),
+        workers: 3,
+        bs: 1 << 20,
+        secs: Duration::from_secs(3),
+        period: Duration::from_millis(1),
+        restart: vec![false, true],
+        base: 32 << 20,
+        settle: Duration::from_millis(500),
+        stall: Duration::from_secs(10),
+        seed: 1,
+    };
+    while let Some(f) = a.next() {
+        match f {
+            "--dev" => o.dev = a.value(f)?.into(),
+            "--workers" => o.workers = a.num(f)?,
+            "--bs" => o.bs = a.size(f)? as usize,
+            "--secs" => o.secs = a.secs(f)?,
+            "--period-us" => o.period = Duration::from_micros(a.num(f)?),
+            "--restart" => {
+                o.restart = match a.value(f)? {
+                    "off" => vec![false],
+                    "on" => vec![true],
+                    "both" => vec![false, true],
+                    v => return Err(Usage(format!("sigstorm --restart: '{v}' (on|off|both)"))),
+                }
+            }
+            "--settle" => o.settle = a.secs(f)?,
+            "--stall" => o.stall = a.secs(f)?,
+            "--base" => o.base = a.size(f)?,
+            "--seed" => o.seed = a.num(f)?,
+            other => return Err(a.unknown(other)),
+        }
+    }
+    if o.workers == 0
+        || o.workers > 64
+        || o.bs == 0
+        || !o.bs.is_multiple_of(4096)
+        || o.period.is_zero()
+    {
+        return Err(Usage(
+            "sigstorm: --workers 1..=64, --bs a multiple of 4096, --period-us at least 1".into(),
+        ));
+    }
+    Ok(o)
+}
+
+fn parse_nowait(a: &mut Args) -> Result<NowaitOpts, Usage> {
+    let mut o = NowaitOpts {
+        dev: "/dev/aiodma0".into(),
+        qd: 32,
+        bs: 4096,
+        secs: Duration::from_secs(5),
+        span: 8 << 20,
+        base: 0,
+        stall: Duration::from_secs(5),
+        write_pct: 50,
+        make_it_fail: false,
+        seed: 1,
+    };
+    while let Some(f) = a.next() {
+        match f {
+            "--dev" => o.dev = a.value(f)?.into(),
+            "--qd" => o.qd = a.num(f)?,
+            "--bs" => o.bs = a.size(f)? as usize,
+            "--secs" => o.secs = a.secs(f)?,
+            "--span" => o.span = a.size(f)?,
+            "--base" => o.base = a.size(f)?,
+            "--stall" => o.stall = a.secs(f)?,
+            "--write-pct" => o.write_pct = a.num(f)?,
+            "--make-it-fail" => o.make_it_fail = true,
+            "--seed" => o.seed = a.num(f)?,
+            other => return Err(a.unknown(other)),
+        }
+    }
+    if o.qd == 0 || o.qd > 1024 || o.bs == 0 || o.bs > 1 << 20 || o.write_pct > 100 {
+        return Err(Usage(
+            "nowait: --qd 1..=1024, --bs 1..=1M, --write-pct 0..=100".into(),
+        ));
+    }
+    Ok(o)
+}
+
+fn parse_churn(a: &mut Args) -> Result<ChurnOpts, Usage> {
+    let mut o = ChurnOpts {
+        dev: "/dev/aiodma0".into(),
+        iterations: 50,
+        mode: Mode::Both,
+        bdf: "0000:00:01.0".into(),
+        driver_dir: "/sys/bus/pci/drivers/aiodma".into(),
+        module: "/lib/modules/aiodma.ko".into(),
+        params: None,
+        sync_workers: 2,
+        qd: 8,
+        bs: 16384,
+        base: 0,
+        span: 4 << 20,
+        hold: Duration::from_millis(20),
+        stall: Duration::from_secs(10),
+        seed: 1,
+    };
+    while let Some(f) = a.next() {
+        match f {
+            "--dev" => o.dev = a.value(f)?.into(),
+            "--iterations" => o.iterations = a.num(f)?,
+            "--mode" => o.mode = Mode::parse(a.value(f)?).map_err(Usage)?,
+            "--bdf" => o.bdf = a.value(f)?.into(),
+            "--driver-dir" => o.driver_dir = a.value(f)?.into(),
+            "--module" => o.module = a.value(f)?.into(),
+            "--params" => {
+                o.params = Some(a.value(f)?.split_whitespace().map(str::to_string).collect())
+            }
+            "--sync-workers" => o.sync_workers = a.num(f)?,
+            "--qd" => o.qd = a.num(f)?,
+            "--bs" => o.bs = a.size(f)? as usize,
+            "--base" => o.base = a.size(f)?,
+            "--span" => o.span = a.size(f)?,
+            "--hold" => o.hold = a.secs(f)?,
+            "--stall" => o.stall = a.secs(f)?,
+            "--seed" => o.seed = a.num(f)?,
+            other => return Err(a.unknown(other)),
+        }
+    }
+    if o.qd == 0 || o.qd > 256 || o.bs == 0 || o.sync_workers > 16 {
+        return Err(Usage(
+            "churn: --qd 1..=256, --bs at least 1, --sync-workers at most 16".into(),
         ));
     }
     Ok(o)
@@ -640,6 +837,10 @@ fn dispatch(args: &[String]) -> Result<Result<Done, String>, Usage> {
         "verify" => verify(&parse_verify(&mut a)?).map(Done::Line),
         "edge" => edge::run(&parse_edge(&mut a)?).map(Done::Passed),
         "cancel" => cancel::run(&parse_cancel(&mut a)?).map(Done::Passed),
+        "abandon" => abandon::run(&parse_abandon(&mut a)?).map(Done::Passed),
+        "sigstorm" => sigstorm::run(&parse_sigstorm(&mut a)?).map(Done::Passed),
+        "nowait" => nowait::run(&parse_nowait(&mut a)?).map(Done::Passed),
+        "churn" => churn::run(&parse_churn(&mut a)?).map(Done::Passed),
         "bench" => {
             let b = parse_bench(&mut a)?;
             if b.header && !b.json {
@@ -653,7 +854,7 @@ fn dispatch(args: &[String]) -> Result<Result<Done, String>, Usage> {
         "bench-suite" => suite::run(&parse_suite(&mut a)?).map(|()| Done::Passed(true)),
         other => {
             return Err(Usage(format!(
-                "unknown command '{other}' (info|verify|edge|cancel|bench|bench-suite|help)"
+                "unknown command '{other}' (info|verify|edge|cancel|abandon|sigstorm|nowait|churn|bench|bench-suite|help)"
             )))
         }
     })
