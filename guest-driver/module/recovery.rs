@@ -142,7 +142,11 @@ impl AioDev {
             self.stats.timeouts.fetch_add(late, Relaxed);
             // Synchronous callers collect their own; the rest leave the table here.
             q.wait.wake_all();
-            while let Some(finished) = q.state.lock().take_failed() {
+            loop {
+                // Its own statement: the guard must go before `finish` (a `while let` would
+                // keep it for the whole body).
+                let next = q.state.lock().take_failed();
+                let Some(finished) = next else { break };
                 failed += 1;
                 if let Some(f) = finished {
                     f.finish(self);

@@ -149,3 +149,40 @@ fn file_semantics_and_waves_are_clean_under_lockdep() {
     out.assert_stdout_contains("PASS large-async");
     out.assert_stdout_contains(" 0 failed");
 }
+
+#[test]
+fn kiocb_log_under_the_queue_lock_is_clean_under_atomic_sleep_checks() {
+    // The kiocb state-transition sites run under the queue spinlock (submit, completion,
+    // reset). With dynamic debug on, they once formatted into a GFP_KERNEL buffer there:
+    // "BUG: sleeping function called from invalid context" on this kernel (issue 10, B1).
+    // A reset (the 500th device request is dropped and times out) and then every engine go
+    // through those sites with the log on.
+    let script = "set +e; dd if=/dev/aiodma0 of=/dev/null bs=4k count=550 2>/dev/null; set -e; \
+         aiodma-aio info | grep -e resets; \
+         for e in sync libaio uring; do aiodma-aio verify --engine $e --qd 8 --requests 16; done; \
+         aiodma-aio verify --engine libaio --qd 4 --requests 8 --unaligned --vectored; \
+         n=$(dmesg | grep -c 'aiodma: req .*returning -EIOCBQUEUED'); echo queued-log-lines=$n; \
+         dmesg | grep -q 'aiodma: req .*timed out'; echo kiocb-log-clean";
+    let out = debug_guest()
+        .flag("--cpus")
+        .flag("2")
+        .flag("--fault")
+        .flag("drop:every=500")
+        .flag("--append")
+        .flag("aiodma.timeout_ms=500 aiodma.dyndbg=+p")
+        .sh(script);
+    out.assert_code(0);
+    out.assert_stdout_contains("kiocb-log-clean");
+    out.assert_stdout_contains("resets: 1");
+    let logged: u64 = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("queued-log-lines="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        logged >= 32,
+        "too few kiocb transitions logged ({logged})\n{}",
+        out.report()
+    );
+}
