@@ -169,3 +169,37 @@ fn kiocb_transitions_are_logged_through_dynamic_debug() {
         .collect();
     assert_eq!(off_counts, vec![0, 0], "{}", quiet.report());
 }
+
+#[test]
+fn dsync_writes_end_with_a_flush_on_the_device() {
+    // O_DSYNC (IOCB_DSYNC on every kiocb): the driver ends each write request with a FLUSH
+    // before it completes, for async and sync writes alike; plain writes send none.
+    let dir = aiodma_tests::TempDir::new("dsync");
+    let metrics = dir.0.join("metrics.json");
+    let out = Guest::new()
+        .flag("--metrics")
+        .flag(metrics.to_str().unwrap())
+        .sh(
+            "set -e; aiodma-aio verify --engine libaio --qd 4 --requests 12 --write-only; \
+             aiodma-aio verify --engine libaio --qd 4 --requests 12 --write-only --dsync; \
+             aiodma-aio verify --engine sync --requests 12 --write-only --dsync",
+        );
+    out.assert_code(0);
+    assert_eq!(
+        out.stdout.lines().filter(|l| l.ends_with(": ok")).count(),
+        3,
+        "{}",
+        out.report()
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    let flushes = v["device"]["requests"]["flush"]["requests"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        flushes,
+        24,
+        "one FLUSH per O_DSYNC write: {v}\n{}",
+        out.report()
+    );
+}

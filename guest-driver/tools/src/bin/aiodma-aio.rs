@@ -20,7 +20,7 @@ const USAGE: &str = "\
 usage: aiodma-aio COMMAND [--dev PATH] [options]   (PATH defaults to /dev/aiodma0)
   info                      the driver's INFO ioctl
   verify [--engine sync|libaio|uring] [--qd N] [--requests N] [--seed N] [--unaligned]
-         [--vectored] [--fixed] [--direct] [--base BYTES] [--span BYTES] [--write-only|--read-only]
+         [--vectored] [--fixed] [--direct] [--dsync] [--base BYTES] [--span BYTES] [--write-only|--read-only]
                             write seeded patterns, read them back and compare; --write-only
                             and --read-only split the two phases (e.g. across boots)
   edge [--expect-eagain]    the file-semantics contract, one PASS/FAIL line per check;
@@ -126,6 +126,8 @@ struct Opts {
     /// io_uring: register the buffers and use READ_FIXED/WRITE_FIXED.
     fixed: bool,
     direct: bool,
+    /// Open with O_DSYNC: every write is durable (the driver ends it with a FLUSH).
+    dsync: bool,
     base: u64,
     span: Option<u64>,
     phase: Phase,
@@ -142,6 +144,7 @@ fn parse_verify(a: &mut Args) -> Result<Opts, Usage> {
         vectored: false,
         fixed: false,
         direct: false,
+        dsync: false,
         base: 0,
         span: None,
         phase: Phase::Both,
@@ -159,6 +162,7 @@ fn parse_verify(a: &mut Args) -> Result<Opts, Usage> {
             "--vectored" => o.vectored = true,
             "--fixed" => o.fixed = true,
             "--direct" => o.direct = true,
+            "--dsync" => o.dsync = true,
             "--write-only" => o.phase = Phase::WriteOnly,
             "--read-only" => o.phase = Phase::ReadOnly,
             other => return Err(a.unknown(other)),
@@ -732,7 +736,8 @@ fn run_jobs(fd: i32, o: &Opts, jobs: &mut [Job], write: bool) -> Result<(), Stri
 }
 
 fn verify(o: &Opts) -> Result<String, String> {
-    let file = open_dev(&o.dev, if o.direct { libc::O_DIRECT } else { 0 })?;
+    let flags = if o.direct { libc::O_DIRECT } else { 0 } | if o.dsync { libc::O_DSYNC } else { 0 };
+    let file = open_dev(&o.dev, flags)?;
     let fd = file.as_raw_fd();
     let capacity = device_info(fd)?.capacity;
     if o.base >= capacity {
@@ -805,9 +810,10 @@ fn verify(o: &Opts) -> Result<String, String> {
         Phase::ReadOnly => " phase=read-only",
     };
     Ok(format!(
-        "verify: engine={:?} qd={} requests={} bytes={} unaligned={} vectored={} direct={}{}{phase} time={:.1}ms: OK",
+        "verify: engine={:?} qd={} requests={} bytes={} unaligned={} vectored={} direct={}{}{}{phase} time={:.1}ms: OK",
         o.engine, o.qd, o.requests, bytes, o.unaligned, o.vectored, o.direct,
-        if o.fixed { " fixed=true" } else { "" }, elapsed.as_secs_f64() * 1000.0
+        if o.fixed { " fixed=true" } else { "" },
+        if o.dsync { " dsync=true" } else { "" }, elapsed.as_secs_f64() * 1000.0
     ).to_lowercase())
 }
 
