@@ -788,7 +788,15 @@ pub fn run(o: &ChurnOpts) -> Result<bool, String> {
     let mut done = 0;
     while failure.is_none() && done < o.iterations {
         match lp.iteration() {
-            Ok(()) => done += 1,
+            Ok(()) => {
+                done += 1;
+                if done % 10 == 0 && done < o.iterations {
+                    println!(
+                        "churn: {done} iteration(s) done after {} ms",
+                        started.elapsed().as_millis()
+                    );
+                }
+            }
             Err(e) => failure = Some(format!("iteration {}: {e}", done + 1)),
         }
     }
@@ -854,9 +862,24 @@ pub fn run(o: &ChurnOpts) -> Result<bool, String> {
         o.iterations
     );
     if problems.is_empty() {
-        match still_works(o) {
-            Ok(s) => println!("churn: {s}"),
-            Err(e) => problems.push(e),
+        // In a child: a wedged device must not hang the tool.
+        let mut child = fork(|| match still_works(o) {
+            Ok(s) => {
+                println!("churn: {s}");
+                0
+            }
+            Err(e) => {
+                println!("churn: {e}");
+                1
+            }
+        })?;
+        match child.wait_for(o.stall) {
+            Some(0) => {}
+            Some(_) => problems.push("the device does not work after the loop".into()),
+            None => problems.push(format!(
+                "a write and read-back after the loop did not finish within {} ms (HANG)",
+                o.stall.as_millis()
+            )),
         }
     }
     for p in &problems {
