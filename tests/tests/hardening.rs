@@ -121,10 +121,11 @@ fn nowait_at_qd32_under_allocation_failures_never_hangs() {
 
 /// `aiodma-aio churn` on the debug kernel with 2 vCPUs; `args` after the subcommand.
 ///
-/// Measured in the emulated host (debug kernel, 2 vCPUs, 50 iterations): unbind/bind about
-/// 55 s, unbind/rmmod/insmod about 2 min on an idle machine, and up to 2.5 times that while
-/// other guests run beside it; hence the longer limit. The tool prints its progress every 10
-/// iterations, so a run that still times out shows how far it got.
+/// Measured in the emulated host (debug kernel, 2 vCPUs, 50 iterations, boot included): about
+/// 70 s for unbind/bind and 50 s for unbind/rmmod/insmod on an otherwise idle 2-core machine,
+/// and 2.5 to 6 times that with other guests and kernel builds running beside it; hence the
+/// longer limit. The tool prints its progress every 10 iterations, so a run that still times
+/// out shows how far it got.
 fn churn(args: &str) -> aiodma_tests::RunOutcome {
     debug_guest_for(600)
         .flag("--cpus")
