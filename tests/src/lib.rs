@@ -268,6 +268,32 @@ impl Drop for TempDir {
     }
 }
 
+/// The debug guest kernel (lockdep, atomic-sleep checks, KFENCE, UBSAN, kmemleak, slab/object
+/// debugging, fault injection) with a guest time limit of `secs`: it is several times slower
+/// than the test kernel, so it gets a longer limit than `Guest::new()`'s.
+pub fn debug_guest(secs: u32) -> Guest {
+    Guest::default()
+        .flag("--kernel")
+        .flag(artifact("bzImage-debug").to_str().unwrap_or_default())
+        .flag("--base-initrd")
+        .flag(
+            artifact("initramfs-debug.cpio.gz")
+                .to_str()
+                .unwrap_or_default(),
+        )
+        .flag("--timeout")
+        .flag(secs.to_string())
+}
+
+/// A driver statistic (`name: value,` in `aiodma-aio info`'s output).
+pub fn stat(stdout: &str, name: &str) -> u64 {
+    stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("{name}: ")))
+        .and_then(|v| v.trim_end_matches(',').parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{stdout}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

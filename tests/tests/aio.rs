@@ -5,15 +5,7 @@
 // Integration tests fail by panicking; helpers outside #[test] fns count too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use aiodma_tests::Guest;
-
-fn stat(stdout: &str, name: &str) -> u64 {
-    stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(&format!("{name}: ")))
-        .and_then(|v| v.trim_end_matches(',').parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{stdout}"))
-}
+use aiodma_tests::{stat, Guest};
 
 #[test]
 fn every_engine_round_trips_data() {

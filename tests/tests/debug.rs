@@ -8,18 +8,7 @@
 // Integration tests fail by panicking; helpers outside #[test] fns count too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use aiodma_tests::{artifact, Guest, RunOutcome};
-
-fn debug_guest() -> Guest {
-    // The debug kernel is several times slower: a longer limit than Guest::new()'s.
-    Guest::default()
-        .flag("--kernel")
-        .flag(artifact("bzImage-debug").to_str().unwrap())
-        .flag("--base-initrd")
-        .flag(artifact("initramfs-debug.cpio.gz").to_str().unwrap())
-        .flag("--timeout")
-        .flag("300")
-}
+use aiodma_tests::{artifact, debug_guest, RunOutcome};
 
 #[test]
 fn debug_kernel_has_the_checkers() {
@@ -77,7 +66,7 @@ fn checkers_are_live_in_the_debug_guest() {
          done; \
          grep -qx 'enabled: 1' /sys/kernel/debug/kfence/stats; \
          aiodma-aio verify --engine libaio --qd 4 --requests 8; echo checkers-live";
-    let out = debug_guest().sh(script);
+    let out = debug_guest(300).sh(script);
     out.assert_code(0);
     out.assert_stdout_contains("checkers-live");
     assert_eq!(kmemleak_leaks(&out), 0, "{}", out.report());
@@ -87,7 +76,7 @@ fn checkers_are_live_in_the_debug_guest() {
 fn kmemleak_gate_fails_a_leaking_run() {
     // The kernel's kmemleak sample orphans kmallocs and vmallocs when it loads: the run must fail
     // with exit 99 and show them, or the gate is vacuous.
-    let out = debug_guest().run(&["insmod", "/lib/modules/kmemleak-test.ko"]);
+    let out = debug_guest(300).run(&["insmod", "/lib/modules/kmemleak-test.ko"]);
     out.assert_code(99);
     assert!(kmemleak_leaks(&out) >= 8, "{}", out.report());
     let all = format!("{}{}", out.stdout, out.stderr);
@@ -98,7 +87,7 @@ fn kmemleak_gate_fails_a_leaking_run() {
 fn ubsan_report_fails_the_run() {
     // The kernel's UBSAN test module shifts out of bounds, indexes past an array and loads
     // invalid bools and enums at load: its reports must fail the run.
-    let out = debug_guest().run(&["insmod", "/lib/modules/test_ubsan.ko"]);
+    let out = debug_guest(300).run(&["insmod", "/lib/modules/test_ubsan.ko"]);
     out.assert_code(99);
     let all = format!("{}{}", out.stdout, out.stderr);
     assert!(
@@ -119,7 +108,7 @@ fn aio_paths_and_recovery_are_clean_under_lockdep() {
          echo 0000:00:01.0 > /sys/bus/pci/drivers/aiodma/bind; \
          aiodma-aio verify --engine uring --qd 4 --requests 4; \
          rmmod aiodma; echo debug-run-clean";
-    let out = debug_guest()
+    let out = debug_guest(300)
         .flag("--cpus")
         .flag("2")
         .flag("--fault")
@@ -144,7 +133,10 @@ fn file_semantics_and_waves_are_clean_under_lockdep() {
     // The edge checks include a 4 MiB kiocb by libaio and by io_uring, which the driver sends
     // in waves from its completion path (threaded IRQ, queue lock): lockdep and the atomic-
     // sleep checker watch that path here.
-    let out = debug_guest().flag("--cpus").flag("2").sh("aiodma-aio edge");
+    let out = debug_guest(300)
+        .flag("--cpus")
+        .flag("2")
+        .sh("aiodma-aio edge");
     out.assert_code(0);
     out.assert_stdout_contains("PASS large-async");
     out.assert_stdout_contains(" 0 failed");
@@ -163,7 +155,7 @@ fn kiocb_log_under_the_queue_lock_is_clean_under_atomic_sleep_checks() {
          aiodma-aio verify --engine libaio --qd 4 --requests 8 --unaligned --vectored; \
          n=$(dmesg | grep -c 'aiodma: req .*returning -EIOCBQUEUED'); echo queued-log-lines=$n; \
          dmesg | grep -q 'aiodma: req .*timed out'; echo kiocb-log-clean";
-    let out = debug_guest()
+    let out = debug_guest(300)
         .flag("--cpus")
         .flag("2")
         .flag("--fault")

@@ -8,32 +8,7 @@
 // Integration tests fail by panicking; helpers outside #[test] fns count too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use aiodma_tests::{artifact, Guest};
-
-fn stat(stdout: &str, name: &str) -> u64 {
-    stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(&format!("{name}: ")))
-        .and_then(|v| v.trim_end_matches(',').parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{stdout}"))
-}
-
-/// The debug kernel (lockdep, atomic-sleep checks, slab/object debugging, fault injection),
-/// with the same flags as tests/tests/debug.rs.
-fn debug_guest() -> Guest {
-    debug_guest_for(300)
-}
-
-/// The debug kernel with a guest time limit of `secs`.
-fn debug_guest_for(secs: u32) -> Guest {
-    Guest::default()
-        .flag("--kernel")
-        .flag(artifact("bzImage-debug").to_str().unwrap())
-        .flag("--base-initrd")
-        .flag(artifact("initramfs-debug.cpio.gz").to_str().unwrap())
-        .flag("--timeout")
-        .flag(secs.to_string())
-}
+use aiodma_tests::{debug_guest, stat, Guest};
 
 #[test]
 fn abandoned_requests_time_out_and_the_queue_recovers() {
@@ -99,7 +74,7 @@ fn nowait_at_qd32_under_allocation_failures_never_hangs() {
               fail_page_alloc=$((100000 - $(cat $d/fail_page_alloc/times))); \
          exit $s"
     );
-    let out = debug_guest().flag("--cpus").flag("2").sh(&script);
+    let out = debug_guest(300).flag("--cpus").flag("2").sh(&script);
     assert!(
         !out.stdout.contains("kernel without fault injection"),
         "the debug kernel lacks failslab/fail_page_alloc (CONFIG_FAULT_INJECTION_DEBUG_FS)\n{}",
@@ -127,7 +102,7 @@ fn nowait_at_qd32_under_allocation_failures_never_hangs() {
 /// longer limit. The tool prints its progress every 10 iterations, so a run that still times
 /// out shows how far it got.
 fn churn(args: &str) -> aiodma_tests::RunOutcome {
-    debug_guest_for(600)
+    debug_guest(600)
         .flag("--cpus")
         .flag("2")
         .sh(&format!("aiodma-aio churn {args}"))
@@ -160,7 +135,7 @@ fn unbind_completes_while_the_device_hangs_with_io_in_flight() {
     // After 40 requests (counted again from each reset) the device stops serving every queue;
     // the requests in flight wait (the timeout is long), and unbind must still complete them
     // and return, every time.
-    let out = debug_guest()
+    let out = debug_guest(300)
         .flag("--cpus")
         .flag("2")
         .flag("--fault")
