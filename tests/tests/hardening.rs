@@ -147,3 +147,49 @@ fn unbind_completes_while_the_device_hangs_with_io_in_flight() {
     out.assert_stdout_contains("churn: 8 of 8 iteration(s)");
     out.assert_stdout_contains("churn: PASS");
 }
+
+#[test]
+fn probe_failing_at_each_allocation_leaves_nothing_behind() {
+    // insmod 40 times, the Nth time failing the Nth allocation made on a call chain through
+    // the module (fail-nth with failslab/fail_page_alloc's stack filter on the module area), so
+    // probe fails at each of its allocation sites in turn; then rmmod. A probe that failed
+    // after starting the watchdog or enabling the device would leave a timer into freed module
+    // text or a live device on freed rings (issue 10, B4): a splat, a leak or a dead device.
+    let script = "d=/sys/kernel/debug; rmmod aiodma || exit 3; \
+         for f in failslab fail_page_alloc; do \
+           [ -e $d/$f/require-start ] || { echo no $d/$f stack filter; exit 97; }; \
+           echo 0 > $d/$f/verbose; echo Y > $d/$f/task-filter; echo N > $d/$f/ignore-gfp-wait; \
+           echo 0xffffffffa0000000 > $d/$f/require-start; \
+           echo 0xffffffffff000000 > $d/$f/require-end; echo 32 > $d/$f/stacktrace-depth; \
+         done; loaded=0; failed=0; \
+         for n in $(seq 1 40); do \
+           ( echo $n > /proc/self/fail-nth; exec insmod /lib/modules/aiodma.ko ) 2>/dev/null; \
+           if [ -d /sys/module/aiodma ]; then loaded=$((loaded+1)); \
+             [ -e /dev/aiodma0 ] || failed=$((failed+1)); sleep 0.3; rmmod aiodma; fi; \
+         done; echo probe-failures loaded=$loaded failed=$failed; sleep 1; \
+         insmod /lib/modules/aiodma.ko && aiodma-aio verify --engine libaio --requests 8";
+    let out = debug_guest(300).sh(script);
+    out.assert_code(0);
+    out.assert_stdout_contains("aiodma-checked: kmemleak: 0 leaks");
+    let failed: u64 = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("probe-failures "))
+        .and_then(|l| l.split("failed=").nth(1))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        failed >= 8,
+        "too few probes failed ({failed})\n{}",
+        out.report()
+    );
+    assert_eq!(
+        out.stdout
+            .lines()
+            .filter(|l| l.starts_with("verify: ") && l.ends_with(": ok"))
+            .count(),
+        1,
+        "{}",
+        out.report()
+    );
+}
