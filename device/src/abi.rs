@@ -265,6 +265,9 @@ pub mod ring {
     pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
     /// Used-ring flag: the device asks for no doorbells (without EVENT_IDX).
     pub const USED_F_NO_NOTIFY: u16 = 1;
+    /// Largest queue size of a split virtqueue (virtio 1.x); a queue size is a power of two up
+    /// to this.
+    pub const MAX_QUEUE_SIZE: u16 = 32768;
 }
 
 /// Platform ports through which the guest's `/init` talks to the VMM.

@@ -5,9 +5,10 @@
 
 pub mod abi;
 pub mod backend;
-pub mod core;
 pub mod engine;
 pub mod fault;
+#[cfg(any(test, feature = "fuzz"))]
+pub mod fuzz;
 pub mod metrics;
 pub mod pci;
 pub mod request;

@@ -12,7 +12,7 @@
 //!   queue needs a reset.
 //!
 //! It never panics, whatever the memory holds; the fuzz target (`device/fuzz`) and
-//! [`fuzz_input`] exercise exactly that. virtio-queue's own `DescriptorChain` iterator is not used
+//! [`crate::fuzz`] exercise exactly that. virtio-queue's own `DescriptorChain` iterator is not used
 //! for the walk because it follows `INDIRECT` descriptors (which this device does not offer) and
 //! ends a looping chain silently instead of reporting it.
 
@@ -711,64 +711,6 @@ pub fn check_invariants<M: GuestMemoryBackend>(
     }
 }
 
-/// The fuzz entry point: `data` becomes guest memory, descriptor table, ring contents and
-/// limits; every head is parsed with [`parse_chain`] and the invariants checked, then the same
-/// memory is driven through a whole virtqueue pop/complete cycle
-/// ([`crate::core::fuzz_queue`]). Returns `Err` with a description if an invariant is broken; a
-/// panic anywhere is a bug too.
-pub fn fuzz_input(data: &[u8]) -> Result<(), String> {
-    if data.len() < 8 {
-        return Ok(());
-    }
-    let (ctl, image) = data.split_at(8);
-    // Queue size: a power of two from 1 to 256.
-    let queue_size = 1u16 << (ctl[0] % 9);
-    let limits = Limits {
-        capacity: u64::from(u16::from_le_bytes([ctl[1], ctl[2]])) * 512,
-        max_segments: u32::from(ctl[3] % 8) + 1,
-        max_transfer: 1 << 16,
-        features: if ctl[4] & 1 != 0 {
-            abi::feature::FLUSH | abi::feature::GET_ID | abi::feature::RING_EVENT_IDX
-        } else {
-            0
-        },
-    };
-    // Guest memory: two regions with a hole between them, so that buffers straddling a region
-    // end or falling into the hole are exercised. The image fills them from address 0.
-    let mem = fuzz_memory(image);
-    // The descriptor table sits at a guest address chosen by the input (possibly partly
-    // outside RAM).
-    let desc_table = GuestAddress(u64::from(ctl[5]) * 16);
-    for head in 0..queue_size.saturating_add(2) {
-        let parsed = parse_chain(&mem, desc_table, queue_size, head, &limits);
-        check_invariants(&mem, &limits, queue_size, head, &parsed)?;
-    }
-    crate::core::fuzz_queue(&mem, queue_size, desc_table, &limits, ctl[6], ctl[7])
-}
-
-/// Size of each of the two guest memory regions [`fuzz_input`] builds.
-pub const FUZZ_REGION: u64 = 0x2000;
-/// Guest address of the second region (a hole of one page between them).
-pub const FUZZ_REGION2: u64 = 0x3000;
-
-fn fuzz_memory(image: &[u8]) -> vm_memory::GuestMemoryMmap {
-    let ranges = [
-        (GuestAddress(0), FUZZ_REGION as usize),
-        (GuestAddress(FUZZ_REGION2), FUZZ_REGION as usize),
-    ];
-    let Ok(mem) = vm_memory::GuestMemoryMmap::<()>::from_ranges(&ranges) else {
-        // Anonymous mappings of 8 KiB do not fail in practice; an empty memory is still a
-        // valid (if boring) fuzz input.
-        return vm_memory::GuestMemoryMmap::default();
-    };
-    let first = image.len().min(FUZZ_REGION as usize);
-    let _ = mem.write_slice(&image[..first], GuestAddress(0));
-    let rest = &image[first..];
-    let second = rest.len().min(FUZZ_REGION as usize);
-    let _ = mem.write_slice(&rest[..second], GuestAddress(FUZZ_REGION2));
-    mem
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1094,32 +1036,5 @@ mod tests {
             assert_eq!(Op::ALL[op.index()], op);
         }
         assert_eq!(Op::from_raw(2), None);
-    }
-
-    #[test]
-    fn fuzz_input_survives_prng_inputs() {
-        // The stable stand-in for `cargo fuzz run parse`: a few thousand deterministic inputs.
-        let mut rng = crate::fault::SplitMix64::new(0x5eed);
-        for round in 0..3000 {
-            let len = 8 + (rng.next_u64() % 0x4800) as usize;
-            let mut data = vec![0u8; len];
-            // Mostly random bytes, but with structure: plausible descriptors pointing at small
-            // addresses, so that parsing goes deep.
-            for chunk in data.chunks_mut(8) {
-                let v = rng.next_u64();
-                let v = match v % 4 {
-                    0 => v,
-                    1 => (v >> 8) % 0x5000,
-                    2 => (v >> 8) % 64,
-                    _ => 0,
-                };
-                for (b, x) in chunk.iter_mut().zip(v.to_le_bytes()) {
-                    *b = x;
-                }
-            }
-            if let Err(e) = fuzz_input(&data) {
-                panic!("round {round}: {e}");
-            }
-        }
     }
 }

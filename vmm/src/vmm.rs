@@ -20,8 +20,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::terminal::Terminal;
 
 use aiodma_device::backend::BackendError;
-use aiodma_device::core::{DeviceCore, DeviceError, DeviceOptions};
 use aiodma_device::engine::QueueEngine;
+use aiodma_device::engine::{DeviceError, DeviceOptions, Engine};
 use aiodma_device::metrics::Metrics;
 use aiodma_device::transport::Transport;
 
@@ -355,7 +355,7 @@ fn create_engine(
         fault_seed: spec.fault_seed,
         ..DeviceOptions::default()
     };
-    let core = DeviceCore::new(options, memory).map_err(|e| match e {
+    let core = Engine::new(options, memory).map_err(|e| match e {
         DeviceError::Queues(_)
         | DeviceError::QueueSize(_)
         | DeviceError::Backend(

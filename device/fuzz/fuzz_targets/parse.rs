@@ -7,7 +7,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Err(e) = aiodma_device::request::fuzz_input(data) {
+    if let Err(e) = aiodma_device::fuzz::fuzz_input(data) {
         panic!("invariant broken: {e}");
     }
 });

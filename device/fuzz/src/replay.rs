@@ -19,7 +19,7 @@ fn run(path: &Path, failures: &mut usize, count: &mut usize) {
     match std::fs::read(path) {
         Ok(data) => {
             *count += 1;
-            if let Err(e) = aiodma_device::request::fuzz_input(&data) {
+            if let Err(e) = aiodma_device::fuzz::fuzz_input(&data) {
                 eprintln!("{}: {e}", path.display());
                 *failures += 1;
             }

@@ -15,7 +15,7 @@ const ALL: u64 = DEVICE_FEATURES;
 const NO_EVENT_IDX: u64 = DEVICE_FEATURES & !feature::RING_EVENT_IDX;
 
 struct Rig {
-    core: DeviceCore,
+    core: Engine,
     drv: Driver,
     sink: Arc<RecordingSink>,
 }
@@ -35,7 +35,7 @@ fn options(faults: &[&str]) -> DeviceOptions {
 fn rig_with(opts: DeviceOptions, qsize: u16, features: u64) -> Rig {
     let mem = guest_memory();
     let queues = opts.queues;
-    let core = DeviceCore::new(opts, mem.clone()).unwrap();
+    let core = Engine::new(opts, mem.clone()).unwrap();
     let drv = Driver::new(mem, core.doorbells(), queues, qsize);
     let mut rig = Rig {
         core,
@@ -227,9 +227,7 @@ fn missing_backing_file_is_an_error_naming_it() {
         backing: Backing::File { path: path.clone() },
         ..DeviceOptions::default()
     };
-    let e = DeviceCore::new(opts, guest_memory())
-        .unwrap_err()
-        .to_string();
+    let e = Engine::new(opts, guest_memory()).unwrap_err().to_string();
     assert!(e.contains(&path.display().to_string()), "{e}");
 }
 
@@ -254,7 +252,7 @@ fn bad_options_are_rejected() {
         },
     ];
     for o in bad {
-        assert!(DeviceCore::new(o, guest_memory()).is_err());
+        assert!(Engine::new(o, guest_memory()).is_err());
     }
     assert_eq!(
         DeviceError::Queues(0).to_string(),
@@ -384,7 +382,7 @@ fn one_interrupt_per_batch() {
 #[test]
 fn doorbells_before_activation_are_not_lost() {
     let mem = guest_memory();
-    let mut core = DeviceCore::new(options(&[]), mem.clone()).unwrap();
+    let mut core = Engine::new(options(&[]), mem.clone()).unwrap();
     let mut drv = Driver::new(mem, core.doorbells(), 1, 32);
     let p = drv.post_write(0, 1, 0, &[5u8; 512]);
     drv.kick(0);
@@ -429,7 +427,7 @@ fn guest_memory_with_several_regions() {
         (vm_memory::GuestAddress(8 << 20), 8 << 20),
     ])
     .unwrap();
-    let core = DeviceCore::new(options(&[]), mem.clone()).unwrap();
+    let core = Engine::new(options(&[]), mem.clone()).unwrap();
     let drv = Driver::new(mem, core.doorbells(), 1, 64);
     let mut r = Rig {
         core,
@@ -646,7 +644,7 @@ fn head_offered_twice_needs_reset() {
 #[test]
 fn rings_outside_guest_memory() {
     let mem = guest_memory();
-    let mut core = DeviceCore::new(options(&[]), mem.clone()).unwrap();
+    let mut core = Engine::new(options(&[]), mem.clone()).unwrap();
     let drv = Driver::new(mem, core.doorbells(), 1, 64);
     let sink: Arc<RecordingSink> = Arc::new(RecordingSink::default());
     // Used ring past the end of memory: SPEC 6.3.
@@ -851,7 +849,7 @@ fn reset_right_after_submission_and_reactivation() {
 #[test]
 fn reset_of_an_idle_device_completes() {
     let mem = guest_memory();
-    let mut core = DeviceCore::new(options(&[]), mem).unwrap();
+    let mut core = Engine::new(options(&[]), mem).unwrap();
     assert!(core.reset_complete());
     core.begin_reset();
     wait_until("reset", || core.reset_complete());
@@ -889,7 +887,7 @@ fn drop_of_the_device_with_requests_in_flight() {
 fn rings_at_guest_address_zero() {
     // Any place in RAM is fine for the rings, address 0 included.
     let mem = guest_memory();
-    let mut core = DeviceCore::new(options(&[]), mem.clone()).unwrap();
+    let mut core = Engine::new(options(&[]), mem.clone()).unwrap();
     let mut drv = Driver::new(mem, core.doorbells(), 1, 64);
     drv.ring_base = 0;
     drv.init_rings(1, 64);

@@ -1,6 +1,6 @@
 //! One virtqueue as the device thread sees it: virtio-queue's `Queue` for the rings and the
 //! notification protocol, plus in-flight head tracking and SPEC 6.3 checks. No threads, no
-//! eventfds: [`fuzz_queue`] drives it straight from fuzz input.
+//! eventfds: `crate::fuzz` drives it straight from fuzz input.
 
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
@@ -277,60 +277,4 @@ impl VQueue {
         }
         Ok((n, notify))
     }
-}
-
-/// Fuzz entry for the queue machinery: a queue over `mem` with its descriptor table at
-/// `desc_table`, available ring chosen by `avail_sel` and used ring by `used_sel`, popped until
-/// it is empty or broken, every request completed and published. Returns `Err` if an invariant
-/// is broken (a head handed out twice while in flight); a panic is a bug too.
-pub fn fuzz_queue(
-    mem: &GuestMemoryMmap,
-    size: u16,
-    desc_table: GuestAddress,
-    limits: &Limits,
-    avail_sel: u8,
-    used_sel: u8,
-) -> Result<(), String> {
-    let cfg = QueueConfig {
-        size,
-        desc: desc_table.0,
-        driver: u64::from(avail_sel) * 32,
-        device: crate::request::FUZZ_REGION2 + u64::from(used_sel) * 64,
-        enabled: true,
-    };
-    let event_idx = limits.features & abi::feature::RING_EVENT_IDX != 0;
-    let Ok(mut q) = VQueue::new(&cfg, size, event_idx, mem) else {
-        return Ok(());
-    };
-    let mut seen = vec![false; usize::from(size)];
-    for round in 0..(4 * u32::from(size) + 4) {
-        let parsed = match q.pop(mem, limits) {
-            Ok(Some(p)) => p,
-            Ok(None) | Err(_) => return Ok(()),
-        };
-        let (head, status, len) = match &parsed {
-            Parsed::Valid(r) => (r.head, Some((r.status, abi::req_status::OK)), 1),
-            Parsed::Rejected(r) => (
-                r.head,
-                r.status_addr.map(|a| (a, r.reason.status())),
-                r.used_len(),
-            ),
-        };
-        let Some(flag) = seen.get_mut(usize::from(head)) else {
-            return Err(format!("head {head} ≥ size {size} handed out"));
-        };
-        if *flag {
-            return Err(format!("head {head} handed out twice while in flight"));
-        }
-        *flag = true;
-        q.complete(Done { head, len, status });
-        // Publish every other round, so some heads stay in flight across pops.
-        if round % 2 == 1 {
-            if q.publish(mem).is_err() {
-                return Ok(());
-            }
-            seen.iter_mut().for_each(|s| *s = false);
-        }
-    }
-    Ok(())
 }

@@ -1,4 +1,4 @@
-//! The queue engine: [`DeviceCore`] implements [`QueueEngine`] for the PCI transport.
+//! The queue engine: [`Engine`] implements [`QueueEngine`] for the PCI transport.
 //!
 //! ```text
 //!  vCPU thread (transport)            device thread "aiodma-device" (event-manager)
@@ -31,16 +31,18 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::abi;
 use crate::backend::BackendError;
-use crate::engine::{ActivateError, InterruptSink, QueueConfig, QueueEngine};
 use crate::metrics::Metrics;
 
 pub use crate::backend::Backing;
 pub use crate::fault::FaultRule;
 pub use crate::metrics::DeviceMetrics;
-pub use queue::{fuzz_queue, BrokenQueue};
+pub use queue::BrokenQueue;
 
+mod contract;
 pub mod queue;
 mod worker;
+
+pub use contract::{ActivateError, InterruptSink, QueueConfig, QueueEngine};
 
 #[cfg(test)]
 mod testdrv;
@@ -49,8 +51,6 @@ mod tests;
 
 /// Default `--queue-size`.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
-/// Largest queue size (virtio's limit).
-pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// Default number of backend worker threads.
 pub const DEFAULT_WORKERS: usize = 2;
 /// Most data bytes per request (`DeviceConfig::max_transfer`).
@@ -99,7 +99,7 @@ impl DeviceOptions {
         }
         if self.queue_size_max == 0
             || !self.queue_size_max.is_power_of_two()
-            || self.queue_size_max > MAX_QUEUE_SIZE
+            || self.queue_size_max > abi::ring::MAX_QUEUE_SIZE
         {
             return Err(DeviceError::QueueSize(self.queue_size_max));
         }
@@ -143,7 +143,7 @@ pub enum DeviceError {
     Start(String),
 }
 
-/// State shared by [`DeviceCore`] and the device thread.
+/// State shared by [`Engine`] and the device thread.
 #[derive(Debug)]
 pub(crate) struct Shared {
     /// The current epoch; held while the device thread writes used rings, and by `begin_reset`
@@ -169,7 +169,7 @@ impl Shared {
     }
 }
 
-/// Messages from [`DeviceCore`] to the device thread.
+/// Messages from [`Engine`] to the device thread.
 pub(crate) enum Command {
     Activate {
         epoch: u64,
@@ -196,7 +196,7 @@ enum State {
 /// The aiodma queue engine.
 ///
 /// ```no_run
-/// use aiodma_device::core::{Backing, DeviceCore, DeviceOptions, FaultRule};
+/// use aiodma_device::engine::{Backing, Engine, DeviceOptions, FaultRule};
 /// use aiodma_device::engine::QueueEngine;
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// # let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)])?;
@@ -207,13 +207,13 @@ enum State {
 ///     fault_seed: 7,
 ///     ..DeviceOptions::default()
 /// };
-/// let core = DeviceCore::new(options, mem)?;
+/// let core = Engine::new(options, mem)?;
 /// let doorbells = core.doorbells(); // register as ioeventfds
 /// let metrics = core.metrics_handle(); // keep for --metrics
 /// let engine: Box<dyn aiodma_device::engine::QueueEngine> = Box::new(core);
 /// # Ok(()) }
 /// ```
-pub struct DeviceCore {
+pub struct Engine {
     config: abi::DeviceConfig,
     features: u64,
     doorbells: Vec<Arc<EventFd>>,
@@ -227,9 +227,9 @@ pub struct DeviceCore {
     id: &'static str,
 }
 
-impl std::fmt::Debug for DeviceCore {
+impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceCore")
+        f.debug_struct("Engine")
             .field("config", &self.config)
             .field("backend", &self.backend_name)
             .field("state", &self.state)
@@ -243,10 +243,10 @@ pub const DEVICE_FEATURES: u64 = abi::feature::FLUSH
     | abi::feature::RING_EVENT_IDX
     | abi::feature::VERSION_1;
 
-impl DeviceCore {
+impl Engine {
     /// Opens the backing, creates the doorbell eventfds and starts the device thread (which
     /// waits for `activate`). `mem` is the guest's memory (a clone shares the mappings).
-    pub fn new(options: DeviceOptions, mem: GuestMemoryMmap) -> Result<DeviceCore, DeviceError> {
+    pub fn new(options: DeviceOptions, mem: GuestMemoryMmap) -> Result<Engine, DeviceError> {
         options.validate()?;
         let mut doorbells = Vec::with_capacity(usize::from(options.queues));
         for _ in 0..options.queues {
@@ -308,7 +308,7 @@ impl DeviceCore {
             info.capacity,
             options.faults.len()
         );
-        Ok(DeviceCore {
+        Ok(Engine {
             config,
             features: DEVICE_FEATURES,
             doorbells,
@@ -355,7 +355,7 @@ impl DeviceCore {
     }
 }
 
-impl QueueEngine for DeviceCore {
+impl QueueEngine for Engine {
     fn config(&self) -> abi::DeviceConfig {
         self.config
     }
@@ -471,7 +471,7 @@ impl QueueEngine for DeviceCore {
     }
 }
 
-impl Drop for DeviceCore {
+impl Drop for Engine {
     fn drop(&mut self) {
         self.shared.shutdown.store(true, Ordering::Release);
         self.send(Command::Shutdown);
