@@ -526,12 +526,14 @@ mod tests {
         let jobs = [
             Job {
                 token: 1,
+                epoch: 0,
                 op: JobOp::Write,
                 offset: 4096,
                 segments: vec![seg(0x1000, 4096), seg(0x2000, 4096)],
             },
             Job {
                 token: 2,
+                epoch: 0,
                 op: JobOp::Write,
                 offset: 100_003,
                 segments: vec![seg(0xf_ff00, 1000)],
@@ -546,18 +548,21 @@ mod tests {
         assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
         b.submit(Job {
             token: 3,
+            epoch: 0,
             op: JobOp::Flush,
             offset: 0,
             segments: vec![],
         });
         b.submit(Job {
             token: 4,
+            epoch: 0,
             op: JobOp::Read,
             offset: 4096,
             segments: vec![seg(0x8_0000, 8192)],
         });
         b.submit(Job {
             token: 5,
+            epoch: 0,
             op: JobOp::Read,
             offset: 100_003,
             segments: vec![seg(0x9_0001, 1000)],
@@ -649,6 +654,7 @@ mod tests {
             .unwrap();
         b.submit(Job {
             token: 9,
+            epoch: 0,
             op: JobOp::Read,
             offset: 0,
             segments: vec![seg(0x1000, 8192)],
@@ -687,6 +693,7 @@ mod tests {
         for t in 0..n {
             b.submit(Job {
                 token: t,
+                epoch: 0,
                 op: JobOp::Write,
                 offset: (t % 256) * 512,
                 segments: vec![seg(0x1000 + (t % 64) * 512, 512)],

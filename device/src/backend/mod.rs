@@ -18,7 +18,7 @@
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
@@ -241,11 +241,64 @@ pub enum JobOp {
     Flush,
 }
 
+/// Whether a job may still start touching guest memory: the device's reset epoch and the
+/// guest's Bus Master Enable bit (SPEC 1 and 3). A backend asks [`DmaGate::allows`] right
+/// before a job's first guest-memory access; a job it refuses completes with
+/// [`JOB_CANCELED`] and never touches guest memory. A job already copying finishes its copy.
+#[derive(Debug)]
+pub struct DmaGate {
+    epoch: AtomicU64,
+    bus_master: AtomicBool,
+}
+
+/// The error (ECANCELED) of a job the [`DmaGate`] refused.
+pub const JOB_CANCELED: i32 = libc::ECANCELED;
+
+impl Default for DmaGate {
+    fn default() -> Self {
+        DmaGate {
+            epoch: AtomicU64::new(0),
+            // A device is created with bus mastering on: the VMM's firmware role enables it
+            // with memory decoding, and a platform without a PCI command register has no gate.
+            bus_master: AtomicBool::new(true),
+        }
+    }
+}
+
+impl DmaGate {
+    /// Whether a job of `epoch` may start touching guest memory now.
+    pub fn allows(&self, epoch: u64) -> bool {
+        self.bus_master.load(Ordering::Acquire) && self.epoch.load(Ordering::Acquire) == epoch
+    }
+
+    /// The current reset epoch (jobs are tagged with it when they are created).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// A reset began: jobs of older epochs must not start.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Release);
+    }
+
+    /// Whether the guest lets the device master the bus.
+    pub fn bus_master(&self) -> bool {
+        self.bus_master.load(Ordering::Acquire)
+    }
+
+    /// The guest set or cleared Bus Master Enable.
+    pub fn set_bus_master(&self, on: bool) {
+        self.bus_master.store(on, Ordering::Release);
+    }
+}
+
 /// One backend operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
     /// Identifies the completion (chosen by the device thread, unique).
     pub token: u64,
+    /// The reset epoch the job belongs to ([`DmaGate::allows`]).
+    pub epoch: u64,
     /// What to do.
     pub op: JobOp,
     /// Store offset (READ/WRITE).
@@ -298,13 +351,15 @@ pub trait Backend {
 }
 
 /// Opens `backing` with `workers` threads for the pool-based engines. `inflight` counts jobs
-/// that may still touch guest memory.
+/// that may still touch guest memory; `gate` says whether a job may still start.
 pub fn open(
     backing: &Backing,
     mem: GuestMemoryMmap,
     workers: usize,
     inflight: Arc<AtomicU64>,
+    gate: Arc<DmaGate>,
 ) -> Result<Box<dyn Backend>, BackendError> {
+    let _ = &gate;
     match backing {
         Backing::Memory { size } => {
             let store = mem::MemStore::new(*size)?;

@@ -220,6 +220,7 @@ mod tests {
     fn job(token: u64, op: JobOp) -> Job {
         Job {
             token,
+            epoch: 0,
             op,
             offset: 0,
             segments: vec![Segment {

@@ -30,7 +30,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::abi;
-use crate::backend::BackendError;
+use crate::backend::{BackendError, DmaGate};
 use crate::metrics::Metrics;
 
 pub use crate::backend::Backing;
@@ -149,8 +149,9 @@ pub(crate) struct Shared {
     /// The current epoch; held while the device thread writes used rings, and by `begin_reset`
     /// while it bumps the epoch.
     pub publish: Mutex<u64>,
-    /// Mirror of the epoch for lock-free checks.
-    pub epoch: AtomicU64,
+    /// Mirror of the epoch for lock-free checks, with the guest's Bus Master Enable: whether a
+    /// backend job may still start touching guest memory.
+    pub gate: Arc<DmaGate>,
     /// The last epoch the device thread has switched to (its request state is clean).
     pub acked: AtomicU64,
     /// Backend operations that may still touch guest memory.
@@ -257,7 +258,7 @@ impl Engine {
         let control = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?);
         let shared = Arc::new(Shared {
             publish: Mutex::new(0),
-            epoch: AtomicU64::new(0),
+            gate: Arc::new(DmaGate::default()),
             acked: AtomicU64::new(0),
             backend_inflight: Arc::new(AtomicU64::new(0)),
             needs_reset: AtomicBool::new(false),
@@ -418,7 +419,7 @@ impl QueueEngine for Engine {
                 }
             }
         }
-        let epoch = self.shared.epoch.load(Ordering::Acquire);
+        let epoch = self.shared.gate.epoch();
         if !self.send(Command::Activate {
             epoch,
             features,
@@ -438,7 +439,7 @@ impl QueueEngine for Engine {
         let epoch = {
             let mut guard = self.shared.lock_publish();
             *guard += 1;
-            self.shared.epoch.store(*guard, Ordering::Release);
+            self.shared.gate.set_epoch(*guard);
             self.shared.needs_reset.store(false, Ordering::Release);
             *guard
         };

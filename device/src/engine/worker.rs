@@ -64,6 +64,7 @@ pub(crate) fn run(setup: Setup) {
         mem.clone(),
         options.workers,
         shared.backend_inflight.clone(),
+        shared.gate.clone(),
     ) {
         Ok(b) => b,
         Err(e) => {
@@ -263,7 +264,7 @@ impl MutEventSubscriber for DeviceLoop {
 
 impl DeviceLoop {
     fn now_epoch(&self) -> u64 {
-        self.shared.epoch.load(Ordering::Acquire)
+        self.shared.gate.epoch()
     }
 
     fn on_control(&mut self) {
@@ -491,6 +492,7 @@ impl DeviceLoop {
         );
         self.backend.submit(Job {
             token,
+            epoch: self.epoch,
             op: job_op,
             offset: req.offset,
             segments: req.segments,
