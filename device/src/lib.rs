@@ -11,5 +11,6 @@ pub mod fault;
 pub mod fuzz;
 pub mod metrics;
 pub mod pci;
+pub mod ratelimit;
 pub mod request;
 pub mod transport;

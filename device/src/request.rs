@@ -14,7 +14,8 @@
 //! It never panics, whatever the memory holds; the fuzz target (`device/fuzz`) and
 //! [`crate::fuzz`] exercise exactly that. virtio-queue's own `DescriptorChain` iterator is not used
 //! for the walk because it follows `INDIRECT` descriptors (which this device does not offer) and
-//! ends a looping chain silently instead of reporting it.
+//! ends a looping chain silently instead of reporting it; this walk stops after the most
+//! descriptors a request can have ([`max_chain_len`]), which also bounds a looping chain.
 
 use std::fmt;
 
@@ -156,6 +157,12 @@ pub struct Limits {
 /// Why a request is malformed (SPEC 6.2). The request completes with `MALFORMED`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Malformed {
+    /// The chain goes on past [`max_chain_len`] descriptors (it may loop).
+    #[error("chain is longer than {max} descriptors (a header, max_segments data, a status)")]
+    ChainTooLong {
+        /// The most descriptors a chain may have.
+        max: usize,
+    },
     /// Fewer than two descriptors: no room for both a header and a status.
     #[error("chain has {0} descriptor(s); a request needs a header and a status descriptor")]
     TooShort(usize),
@@ -203,14 +210,6 @@ pub enum Malformed {
         index: u16,
         /// The request's op.
         op: Op,
-    },
-    /// More data descriptors than `max_segments`.
-    #[error("{count} data descriptors, more than max_segments {max}")]
-    TooManySegments {
-        /// Data descriptors in the chain.
-        count: usize,
-        /// The limit.
-        max: u32,
     },
     /// The header's `length` differs from the data descriptors' total.
     #[error("header length {length} differs from the data descriptors' total {total}")]
@@ -319,14 +318,6 @@ pub enum BrokenChain {
         /// Queue size.
         size: u16,
     },
-    /// The chain from `head` is longer than the queue size, i.e. it loops.
-    #[error("chain from head {head} is longer than the queue size {size} (loop)")]
-    TooLong {
-        /// The head index.
-        head: u16,
-        /// Queue size.
-        size: u16,
-    },
     /// A descriptor table entry is not in guest RAM.
     #[error("descriptor {index} at {addr:#x} is outside guest RAM")]
     TableOutsideRam {
@@ -355,13 +346,34 @@ impl Desc {
     }
 }
 
-/// Reads the descriptors of the chain starting at `head`, in order.
+/// A chain as far as the device reads it.
+enum Walked {
+    /// Every descriptor, in order.
+    Complete(Vec<Desc>),
+    /// The chain goes on past the most descriptors a request may have (a loop, or a chain
+    /// offered to make the device work): the device stops reading it there.
+    Overlong,
+}
+
+/// Most descriptors the device reads for one chain: a header, `max_segments` data descriptors
+/// and a status descriptor, and never more than the queue has. Bounding the walk by the request
+/// limit, not the queue size, keeps a doorbell's work linear in the number of heads even when a
+/// guest makes every head the start of one long shared chain.
+pub fn max_chain_len(limits: &Limits, queue_size: u16) -> usize {
+    let by_request = usize::try_from(limits.max_segments)
+        .unwrap_or(usize::MAX)
+        .saturating_add(2);
+    by_request.min(usize::from(queue_size))
+}
+
+/// Reads the descriptors of the chain starting at `head`, in order, up to `max_len` of them.
 fn walk<M: GuestMemoryBackend>(
     mem: &M,
     desc_table: GuestAddress,
     queue_size: u16,
     head: u16,
-) -> Result<Vec<Desc>, BrokenChain> {
+    max_len: usize,
+) -> Result<Walked, BrokenChain> {
     if head >= queue_size {
         return Err(BrokenChain::HeadOutOfRange {
             head,
@@ -371,11 +383,8 @@ fn walk<M: GuestMemoryBackend>(
     let mut descs = Vec::new();
     let mut index = head;
     loop {
-        if descs.len() >= usize::from(queue_size) {
-            return Err(BrokenChain::TooLong {
-                head,
-                size: queue_size,
-            });
+        if descs.len() >= max_len {
+            return Ok(Walked::Overlong);
         }
         let addr =
             desc_table
@@ -399,7 +408,7 @@ fn walk<M: GuestMemoryBackend>(
         let next = le_u16(&raw, 14);
         descs.push(desc);
         if desc.flags & abi::desc_flags::NEXT == 0 {
-            return Ok(descs);
+            return Ok(Walked::Complete(descs));
         }
         if next >= queue_size {
             return Err(BrokenChain::NextOutOfRange {
@@ -485,7 +494,18 @@ pub fn parse_chain<M: GuestMemoryBackend>(
     head: u16,
     limits: &Limits,
 ) -> Result<Parsed, BrokenChain> {
-    let descs = walk(mem, desc_table, queue_size, head)?;
+    let max_len = max_chain_len(limits, queue_size);
+    let descs = match walk(mem, desc_table, queue_size, head, max_len)? {
+        Walked::Complete(descs) => descs,
+        Walked::Overlong => {
+            // The status descriptor is somewhere past where the device stopped reading.
+            return Ok(Parsed::Rejected(Rejection {
+                head,
+                status_addr: None,
+                reason: RejectReason::Malformed(Malformed::ChainTooLong { max: max_len }),
+            }));
+        }
+    };
 
     // The status descriptor: the last one, device-writable, ≥ 1 byte, its first byte in RAM.
     let status_addr = descs.last().and_then(|d| {
@@ -583,12 +603,6 @@ pub fn parse_chain<M: GuestMemoryBackend>(
                 return malformed(Malformed::TooLong {
                     length: header.length,
                     max: limits.max_transfer,
-                });
-            }
-            if data.len() > limits.max_segments as usize {
-                return malformed(Malformed::TooManySegments {
-                    count: data.len(),
-                    max: limits.max_segments,
                 });
             }
             let fits = header
@@ -894,10 +908,7 @@ mod tests {
         // Too many segments.
         let five: Vec<_> = (0..5).map(|i| (0xa000 + i * 0x1000, 512, W)).collect();
         chain(&m, abi::op::READ, 0, &five);
-        assert!(matches!(
-            malformed(parse(&m)),
-            Malformed::TooManySegments { count: 5, .. }
-        ));
+        assert_eq!(malformed(parse(&m)), Malformed::ChainTooLong { max: 6 });
         // Offset past the capacity, and overflow.
         chain(&m, abi::op::READ, 1 << 20, &[(0xa000, 512, W)]);
         assert!(matches!(malformed(parse(&m)), Malformed::OutOfRange { .. }));
@@ -993,15 +1004,21 @@ mod tests {
             parse(&m),
             Err(BrokenChain::NextOutOfRange { next: 40, .. })
         ));
-        // A loop 0 -> 1 -> 2 -> 1.
+        // A loop 0 -> 1 -> 2 -> 1: the walk stops at max_segments + 2 descriptors and the
+        // request is malformed, with no status byte (the device never reached one).
+        let too_long = Parsed::Rejected(Rejection {
+            head: 0,
+            status_addr: None,
+            reason: RejectReason::Malformed(Malformed::ChainTooLong { max: 6 }),
+        });
         set_desc(&m, 1, 0xa000, 512, W | N, 2);
         set_desc(&m, 2, 0x9000, 1, W | N, 1);
-        assert!(matches!(parse(&m), Err(BrokenChain::TooLong { .. })));
+        assert_eq!(parse(&m), Ok(too_long.clone()));
         // A self-loop.
         set_desc(&m, 0, 0x8000, 32, N, 0);
-        assert!(matches!(parse(&m), Err(BrokenChain::TooLong { .. })));
-        // A chain of exactly the queue size is fine (if otherwise well formed it is too long in
-        // segments, which is a malformed request, not a broken queue).
+        assert_eq!(parse(&m), Ok(too_long.clone()));
+        // A chain of the queue size: longer than any request, so the device reads no more than
+        // max_segments + 2 of it.
         for i in 0..QSIZE {
             let last = i == QSIZE - 1;
             let flags = if i == 0 {
@@ -1014,6 +1031,9 @@ mod tests {
             let addr = if i == 0 { 0x8000 } else { 0xa000 };
             set_desc(&m, i, addr, if i == 0 { 32 } else { 512 }, flags, i + 1);
         }
+        assert_eq!(parse(&m), Ok(too_long.clone()));
+        // A chain of exactly max_segments + 2 is walked whole.
+        set_desc(&m, 5, 0x9000, 1, W, 0);
         assert!(matches!(
             malformed(parse(&m)),
             Malformed::LengthMismatch { .. }

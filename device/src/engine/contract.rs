@@ -78,4 +78,9 @@ pub trait QueueEngine: Send {
 
     /// Whether the engine stopped trusting a queue (NEEDS_RESET).
     fn needs_reset(&self) -> bool;
+
+    /// The guest set or cleared Bus Master Enable in the command register (SPEC 1). While it is
+    /// clear the engine starts no guest-memory access: it pops nothing, starts no backend job
+    /// and writes no used ring; work already copying finishes.
+    fn set_bus_master(&mut self, on: bool);
 }

@@ -76,6 +76,59 @@ pub struct DeviceOptions {
     /// Worker threads of the memory backing (and of the file backing when io_uring is
     /// unavailable); at least 1. The io_uring file backing uses the kernel's workers instead.
     pub workers: usize,
+    /// Called on each thread the device starts, once that thread is set up and before it
+    /// handles guest work (the VMM confines the thread there). `None`: nothing to do.
+    pub on_thread_start: Option<ThreadHook>,
+}
+
+/// What a thread started by the device does, for [`DeviceOptions::on_thread_start`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadRole {
+    /// The device thread ("aiodma-device"): the event loop over doorbells, completions and
+    /// timers; submits to io_uring. Called after its backend and event loop are set up.
+    Device,
+    /// A backend pool worker: copies between guest memory and the store, preadv/pwritev,
+    /// fdatasync. Called first thing in the thread.
+    BackendWorker,
+}
+
+/// A callback run on the device's own threads (see [`DeviceOptions::on_thread_start`]).
+///
+/// A newtype so that `DeviceOptions` keeps its `Debug`/`Clone`/`PartialEq`: two hooks are equal
+/// when they are the same closure.
+#[derive(Clone)]
+pub struct ThreadHook(pub Arc<dyn Fn(ThreadRole) + Send + Sync>);
+
+impl std::fmt::Debug for ThreadHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ThreadHook(..)")
+    }
+}
+
+impl PartialEq for ThreadHook {
+    fn eq(&self, other: &ThreadHook) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+std::thread_local! {
+    /// The hook of the engine that started this thread. The device thread sets it, and the
+    /// backend's pool workers, which it spawns while opening the backend, take it from there,
+    /// so the hook reaches them without passing through every backend constructor.
+    static THREAD_HOOK: std::cell::RefCell<Option<ThreadHook>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The hook of the engine that started the calling thread (see [`THREAD_HOOK`]).
+pub(crate) fn thread_hook() -> Option<ThreadHook> {
+    THREAD_HOOK.with(|h| h.borrow().clone())
+}
+
+/// Runs the hook of the calling thread's engine, if any, for `role`.
+pub(crate) fn thread_started(role: ThreadRole) {
+    if let Some(hook) = thread_hook() {
+        (hook.0)(role);
+    }
 }
 
 impl Default for DeviceOptions {
@@ -87,6 +140,7 @@ impl Default for DeviceOptions {
             faults: Vec::new(),
             fault_seed: 0,
             workers: DEFAULT_WORKERS,
+            on_thread_start: None,
         }
     }
 }
@@ -181,6 +235,8 @@ pub(crate) enum Command {
     Reset {
         epoch: u64,
     },
+    /// The guest set Bus Master Enable again: look at the queues.
+    BusMasterOn,
     Shutdown,
 }
 
@@ -279,7 +335,11 @@ impl Engine {
         };
         let thread = std::thread::Builder::new()
             .name("aiodma-device".into())
-            .spawn(move || worker::run(setup))
+            .spawn(move || {
+                let hook = setup.options.on_thread_start.clone();
+                THREAD_HOOK.with(|h| *h.borrow_mut() = hook);
+                worker::run(setup)
+            })
             .map_err(DeviceError::Thread)?;
         let info = match ready_rx.recv() {
             Ok(Ok(info)) => info,
@@ -409,7 +469,8 @@ impl QueueEngine for Engine {
                 }
                 Err(queue::QueueProblem::OutsideRam(reason)) => {
                     // SPEC 6.3: rings outside guest RAM make the queue untrustworthy.
-                    warn!("aiodma device: queue {index}: {reason}; NEEDS_RESET");
+                    // The transport logs the failed activation (rate-limited: a guest can repeat it).
+                    log::debug!("aiodma device: queue {index}: {reason}; NEEDS_RESET");
                     self.shared.needs_reset.store(true, Ordering::Release);
                     self.shared.metrics.needs_reset();
                     return Err(ActivateError::BadQueue {
@@ -469,6 +530,21 @@ impl QueueEngine for Engine {
 
     fn needs_reset(&self) -> bool {
         self.shared.needs_reset.load(Ordering::Acquire)
+    }
+
+    fn set_bus_master(&mut self, on: bool) {
+        if self.shared.gate.bus_master() == on {
+            return;
+        }
+        if on {
+            self.shared.gate.set_bus_master(true);
+            self.send(Command::BusMasterOn);
+        } else {
+            // Under the publish lock: once this returns no used-ring write is in progress,
+            // and the device thread checks the gate under the same lock before the next one.
+            let _publishing = self.shared.lock_publish();
+            self.shared.gate.set_bus_master(false);
+        }
     }
 }
 

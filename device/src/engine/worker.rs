@@ -1,7 +1,8 @@
 //! The device thread: an event-manager loop over the doorbells, the control eventfd, the
 //! backend's completion eventfd and a timerfd for delayed completions.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, SyncSender};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use log::{debug, error, info, warn};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::queue::{BrokenQueue, Done, QueueProblem, VQueue};
@@ -29,6 +30,8 @@ const CONTROL: u32 = 0x1_0000;
 const COMPLETION: u32 = 0x1_0001;
 /// Event data of the delay timer.
 const TIMER: u32 = 0x1_0002;
+/// Event data of the resume eventfd (queues left with work after a pass).
+const RESUME: u32 = 0x1_0003;
 
 /// What the device thread needs, handed over at spawn.
 pub(crate) struct Setup {
@@ -79,6 +82,13 @@ pub(crate) fn run(setup: Setup) {
             return;
         }
     };
+    let resume = match EventFd::new(EFD_NONBLOCK) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = ready.send(Err(DeviceError::Start(format!("resume eventfd: {e}"))));
+            return;
+        }
+    };
     let mut manager = match EventManager::<DeviceLoop>::new() {
         Ok(m) => m,
         Err(e) => {
@@ -105,6 +115,7 @@ pub(crate) fn run(setup: Setup) {
         mem,
         doorbells,
         control,
+        resume,
         commands,
         backend,
         timer,
@@ -119,8 +130,10 @@ pub(crate) fn run(setup: Setup) {
         hung: false,
         sink: None,
         queues: Vec::new(),
+        runnable: VecDeque::new(),
+        scheduled: vec![false; usize::from(options.queues)],
         pending: HashMap::new(),
-        delayed: Vec::new(),
+        delayed: BinaryHeap::new(),
         next_token: 1,
         inflight: 0,
         reaped: Vec::new(),
@@ -136,6 +149,8 @@ pub(crate) fn run(setup: Setup) {
         let _ = ready.send(Err(DeviceError::Start(e)));
         return;
     }
+    // Set up (backend open, io_uring, timer, epoll): only the event loop's needs remain.
+    super::thread_started(super::ThreadRole::Device);
     if ready.send(Ok(info)).is_err() {
         return;
     }
@@ -164,31 +179,76 @@ fn nonblocking_timer() -> std::io::Result<TimerFd> {
     }
 }
 
-/// A request handed to the backend.
-#[derive(Debug)]
-struct Pending {
-    queue: u16,
-    head: u16,
-    op: Op,
-    length: u32,
-    status: GuestAddress,
-    popped: Instant,
-    not_before: Option<Instant>,
-}
+/// Requests one queue may take per pass before the other queues get a turn. A pass reads at
+/// most this many chains of at most `max_segments + 2` descriptors each, so a doorbell costs a
+/// bounded amount of device time however the guest builds its rings.
+pub(crate) const REQUESTS_PER_PASS: usize = 32;
 
-/// A request whose outcome is known.
+/// One request from the moment it is popped until it is published: the device thread's only
+/// record of it (pending in the backend, held by a delay fault, or finished).
 #[derive(Debug, Clone, Copy)]
-struct Finished {
+struct InFlight {
     queue: u16,
     head: u16,
+    /// `None` for a request rejected before it had a valid op.
     op: Option<Op>,
+    /// Where the status byte goes; `None` when the chain has no usable status descriptor.
     status_addr: Option<GuestAddress>,
+    /// Data bytes the request asked for.
+    length: u32,
+    popped: Instant,
+    /// A delay fault holds the completion until then.
+    not_before: Option<Instant>,
+    /// The outcome, once known.
     status: u8,
     /// Data bytes written to the guest (READ, GET_ID).
     written: u32,
-    /// Data bytes transferred (for the metrics).
-    bytes: u64,
-    popped: Instant,
+}
+
+impl InFlight {
+    fn finished(mut self, status: u8, written: u32) -> Self {
+        self.status = status;
+        self.written = written;
+        self
+    }
+
+    /// Data bytes moved, for the metrics.
+    fn bytes(&self) -> u64 {
+        match self.op {
+            Some(Op::Read | Op::Write) => u64::from(self.length),
+            Some(Op::GetId) => u64::from(self.written),
+            Some(Op::Flush) | None => 0,
+        }
+    }
+}
+
+/// A completion a delay fault holds, ordered by its release time (then by arrival, so equal
+/// deadlines keep their order).
+#[derive(Debug)]
+struct Delayed {
+    at: Instant,
+    seq: u64,
+    req: InFlight,
+}
+
+impl PartialEq for Delayed {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+
+impl Eq for Delayed {}
+
+impl PartialOrd for Delayed {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Delayed {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
 }
 
 struct DeviceLoop {
@@ -196,6 +256,9 @@ struct DeviceLoop {
     mem: GuestMemoryMmap,
     doorbells: Vec<Arc<EventFd>>,
     control: Arc<EventFd>,
+    /// Written when queues still have work after a pass: the loop comes back to them after
+    /// serving whatever else is ready.
+    resume: EventFd,
     commands: Receiver<Command>,
     backend: Box<dyn Backend>,
     timer: TimerFd,
@@ -213,8 +276,12 @@ struct DeviceLoop {
     hung: bool,
     sink: Option<Arc<dyn InterruptSink>>,
     queues: Vec<Option<VQueue>>,
-    pending: HashMap<u64, Pending>,
-    delayed: Vec<(Instant, Finished)>,
+    /// Queues with work left, served round-robin.
+    runnable: VecDeque<u16>,
+    /// Whether a queue is in `runnable`.
+    scheduled: Vec<bool>,
+    pending: HashMap<u64, InFlight>,
+    delayed: BinaryHeap<Reverse<Delayed>>,
     next_token: u64,
     /// Requests taken from the queues and not yet published.
     inflight: u64,
@@ -240,6 +307,7 @@ impl MutEventSubscriber for DeviceLoop {
                 "completion",
             ),
             (self.timer.as_raw_fd(), TIMER, "timer"),
+            (self.resume.as_raw_fd(), RESUME, "resume"),
         ];
         for (fd, data, what) in others {
             if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
@@ -256,6 +324,10 @@ impl MutEventSubscriber for DeviceLoop {
             CONTROL => self.on_control(),
             COMPLETION => self.on_completions(),
             TIMER => self.on_timer(),
+            RESUME => {
+                let _ = self.resume.read();
+                self.run_queues();
+            }
             q => self.on_doorbell(q),
         }
         self.flush();
@@ -278,6 +350,11 @@ impl DeviceLoop {
                     sink,
                 } => self.activate(epoch, features, queues, sink),
                 Command::Reset { epoch } => self.reset(epoch),
+                Command::BusMasterOn => {
+                    // Doorbells rung while DMA was off were drained without processing.
+                    self.schedule_all();
+                    self.run_queues();
+                }
                 Command::Shutdown => self.shared.shutdown.store(true, Ordering::Release),
             }
         }
@@ -320,9 +397,8 @@ impl DeviceLoop {
             self.queues.iter().flatten().count()
         );
         // Doorbells rung before DRIVER_OK were drained without processing: look at every queue.
-        for q in 0..self.queues.len() {
-            self.process_queue(q as u16);
-        }
+        self.schedule_all();
+        self.run_queues();
     }
 
     fn reset(&mut self, epoch: u64) {
@@ -332,6 +408,8 @@ impl DeviceLoop {
         self.hung = false;
         self.sink = None;
         self.queues.clear();
+        self.runnable.clear();
+        self.scheduled.fill(false);
         self.pending.clear();
         self.delayed.clear();
         self.timer_deadline = None;
@@ -350,19 +428,66 @@ impl DeviceLoop {
         };
         let _ = fd.read();
         self.shared.metrics.doorbell();
-        self.process_queue(q as u16);
+        self.schedule(q as u16);
+        self.run_queues();
     }
 
     fn can_process(&self) -> bool {
-        self.active && !self.broken && !self.hung && self.now_epoch() == self.epoch
+        self.active
+            && !self.broken
+            && !self.hung
+            && self.now_epoch() == self.epoch
+            && self.shared.gate.bus_master()
     }
 
-    /// Drains queue `qi`: pops, validates and starts every available request.
-    fn process_queue(&mut self, qi: u16) {
-        while self.can_process() {
+    fn schedule(&mut self, qi: u16) {
+        if let Some(s) = self.scheduled.get_mut(usize::from(qi)) {
+            if !*s {
+                *s = true;
+                self.runnable.push_back(qi);
+            }
+        }
+    }
+
+    fn schedule_all(&mut self) {
+        for qi in 0..self.queues.len() {
+            self.schedule(qi as u16);
+        }
+    }
+
+    /// One pass over the queues with work, each taking at most [`REQUESTS_PER_PASS`]
+    /// requests. Queues left with work go to the back of the line, and the resume eventfd brings
+    /// the loop back to them after it has served the other events (completions, other
+    /// doorbells, control) that are ready.
+    fn run_queues(&mut self) {
+        for _ in 0..self.runnable.len() {
+            let Some(qi) = self.runnable.pop_front() else {
+                break;
+            };
+            if let Some(s) = self.scheduled.get_mut(usize::from(qi)) {
+                *s = false;
+            }
+            if self.process_queue(qi) {
+                self.schedule(qi);
+            }
+        }
+        if !self.runnable.is_empty() {
+            if let Err(e) = self.resume.write(1) {
+                error!("aiodma device: cannot schedule the next pass: {e}");
+            }
+        }
+    }
+
+    /// Takes up to [`REQUESTS_PER_PASS`] requests off queue `qi`, validates and starts them.
+    /// Returns whether the queue may have more.
+    fn process_queue(&mut self, qi: u16) -> bool {
+        for _ in 0..REQUESTS_PER_PASS {
+            if !self.can_process() {
+                return false;
+            }
             let popped = match self.queues.get_mut(usize::from(qi)) {
                 Some(Some(q)) => q.pop(&self.mem, &self.limits),
-                _ => return,
+                _ => return false,
             };
             match popped {
                 Ok(Some(parsed)) => {
@@ -370,13 +495,14 @@ impl DeviceLoop {
                     self.shared.metrics.inflight(self.inflight);
                     self.accept(qi, parsed);
                 }
-                Ok(None) => return,
+                Ok(None) => return false,
                 Err(e) => {
                     self.needs_reset(qi, &e);
-                    return;
+                    return false;
                 }
             }
         }
+        true
     }
 
     fn accept(&mut self, qi: u16, parsed: Parsed) {
@@ -384,23 +510,36 @@ impl DeviceLoop {
         let req = match parsed {
             Parsed::Rejected(r) => {
                 debug!("queue {qi} head {}: {}", r.head, r.reason);
-                self.deliver(Finished {
+                let rejected = InFlight {
                     queue: qi,
                     head: r.head,
                     op: None,
                     status_addr: r.status_addr,
+                    length: 0,
+                    popped: now,
+                    not_before: None,
                     status: r.reason.status(),
                     written: 0,
-                    bytes: 0,
-                    popped: now,
-                });
+                };
+                self.deliver(rejected);
                 return;
             }
             Parsed::Valid(req) => req,
         };
         self.shared.metrics.request(req.op);
+        let record = InFlight {
+            queue: qi,
+            head: req.head,
+            op: Some(req.op),
+            status_addr: Some(req.status),
+            length: req.length,
+            popped: now,
+            not_before: None,
+            status: abi::req_status::IOERR,
+            written: 0,
+        };
         match self.faults.decide(req.op) {
-            Decision::Pass => self.start(qi, req, now, None),
+            Decision::Pass => self.start(record, req),
             Decision::Delay(d) => {
                 self.shared.metrics.fault(FaultCounter::Delay);
                 debug!(
@@ -409,7 +548,13 @@ impl DeviceLoop {
                 );
                 // An absurd delay (centuries) that overflows the clock never completes.
                 match now.checked_add(d) {
-                    Some(t) => self.start(qi, req, now, Some(t)),
+                    Some(t) => self.start(
+                        InFlight {
+                            not_before: Some(t),
+                            ..record
+                        },
+                        req,
+                    ),
                     None => info!("fault: delay {d:?} is beyond the clock; request held"),
                 }
             }
@@ -419,16 +564,7 @@ impl DeviceLoop {
                     "fault: error for request {} (queue {qi} head {})",
                     req.id, req.head
                 );
-                self.deliver(Finished {
-                    queue: qi,
-                    head: req.head,
-                    op: Some(req.op),
-                    status_addr: Some(req.status),
-                    status: abi::req_status::IOERR,
-                    written: 0,
-                    bytes: 0,
-                    popped: now,
-                });
+                self.deliver(record.finished(abi::req_status::IOERR, 0));
             }
             Decision::Drop => {
                 self.shared.metrics.fault(FaultCounter::Drop);
@@ -449,47 +585,24 @@ impl DeviceLoop {
     }
 
     /// Starts a request that passed validation and fault injection.
-    fn start(&mut self, qi: u16, req: Request, popped: Instant, not_before: Option<Instant>) {
+    fn start(&mut self, record: InFlight, req: Request) {
         let job_op = match req.op {
             Op::Read => JobOp::Read,
             Op::Write => JobOp::Write,
             Op::Flush => JobOp::Flush,
             Op::GetId => {
-                let (status, written) = if self.write_id(&req) {
-                    (abi::req_status::OK, ID_LEN)
+                let done = if self.write_id(&req) {
+                    record.finished(abi::req_status::OK, ID_LEN)
                 } else {
-                    (abi::req_status::IOERR, 0)
+                    record.finished(abi::req_status::IOERR, 0)
                 };
-                self.finish(
-                    Finished {
-                        queue: qi,
-                        head: req.head,
-                        op: Some(Op::GetId),
-                        status_addr: Some(req.status),
-                        status,
-                        written,
-                        bytes: u64::from(written),
-                        popped,
-                    },
-                    not_before,
-                );
+                self.finish(done);
                 return;
             }
         };
         let token = self.next_token;
         self.next_token += 1;
-        self.pending.insert(
-            token,
-            Pending {
-                queue: qi,
-                head: req.head,
-                op: req.op,
-                length: req.length,
-                status: req.status,
-                popped,
-                not_before,
-            },
-        );
+        self.pending.insert(token, record);
         self.backend.submit(Job {
             token,
             epoch: self.epoch,
@@ -523,10 +636,10 @@ impl DeviceLoop {
                 // A request from before a reset (or NEEDS_RESET): discarded.
                 continue;
             };
-            let (status, written, bytes) = match c.result {
+            let finished = match c.result {
                 Ok(()) => {
-                    let written = if p.op == Op::Read { p.length } else { 0 };
-                    (abi::req_status::OK, written, u64::from(p.length))
+                    let written = if p.op == Some(Op::Read) { p.length } else { 0 };
+                    p.finished(abi::req_status::OK, written)
                 }
                 Err(e) => {
                     self.backend_errors += 1;
@@ -535,49 +648,41 @@ impl DeviceLoop {
                     } else {
                         log::Level::Debug
                     };
+                    let op =
+                        p.op.map_or_else(|| "request".to_string(), |o| o.to_string());
                     log::log!(
                         level,
-                        "aiodma device: {} at queue {} head {} failed: {e}",
-                        p.op,
+                        "aiodma device: {op} at queue {} head {} failed: {e}",
                         p.queue,
                         p.head
                     );
-                    (abi::req_status::IOERR, 0, 0)
+                    p.finished(abi::req_status::IOERR, 0)
                 }
             };
-            self.finish(
-                Finished {
-                    queue: p.queue,
-                    head: p.head,
-                    op: Some(p.op),
-                    status_addr: Some(p.status),
-                    status,
-                    written,
-                    bytes,
-                    popped: p.popped,
-                },
-                p.not_before,
-            );
+            self.finish(finished);
         }
         self.reaped = done;
     }
 
-    /// Completes now, or holds the completion until `not_before`.
-    fn finish(&mut self, f: Finished, not_before: Option<Instant>) {
-        if let Some(t) = not_before {
-            if t > Instant::now() {
-                self.delayed.push((t, f));
+    /// Completes now, or holds the completion until its `not_before`.
+    fn finish(&mut self, req: InFlight) {
+        if let Some(at) = req.not_before {
+            if at > Instant::now() {
+                let seq = self.next_token;
+                self.next_token += 1;
+                self.delayed.push(Reverse(Delayed { at, seq, req }));
                 self.arm_timer();
                 return;
             }
         }
-        self.deliver(f);
+        self.deliver(req);
     }
 
     fn arm_timer(&mut self) {
-        let Some(earliest) = self.delayed.iter().map(|(t, _)| *t).min() else {
+        let Some(Reverse(earliest)) = self.delayed.peek() else {
             return;
         };
+        let earliest = earliest.at;
         if self.timer_deadline.is_some_and(|d| d <= earliest) {
             return;
         }
@@ -595,49 +700,42 @@ impl DeviceLoop {
         let _ = self.timer.wait();
         self.timer_deadline = None;
         let now = Instant::now();
-        let mut due: Vec<(Instant, Finished)> = Vec::new();
-        self.delayed.retain(|(t, f)| {
-            if *t <= now {
-                due.push((*t, *f));
-                false
-            } else {
-                true
+        while self.delayed.peek().is_some_and(|Reverse(d)| d.at <= now) {
+            if let Some(Reverse(d)) = self.delayed.pop() {
+                self.deliver(d.req);
             }
-        });
-        due.sort_by_key(|(t, _)| *t);
-        for (_, f) in due {
-            self.deliver(f);
         }
         self.arm_timer();
     }
 
     /// Queues a finished request for publication (or drops it while hung or broken).
-    fn deliver(&mut self, f: Finished) {
+    fn deliver(&mut self, req: InFlight) {
         if !self.active || self.broken || self.hung {
             // Held until reset (hang), or never published (NEEDS_RESET).
             return;
         }
-        let Some(Some(q)) = self.queues.get_mut(usize::from(f.queue)) else {
+        let Some(Some(q)) = self.queues.get_mut(usize::from(req.queue)) else {
             return;
         };
-        let len = f.written + u32::from(f.status_addr.is_some());
+        let len = req.written + u32::from(req.status_addr.is_some());
         q.complete(Done {
-            head: f.head,
+            head: req.head,
             len,
-            status: f.status_addr.map(|a| (a, f.status)),
+            status: req.status_addr.map(|a| (a, req.status)),
         });
         let m = &self.shared.metrics;
-        m.status(f.status);
-        if f.status == abi::req_status::OK {
-            if let Some(op) = f.op {
-                m.bytes(op, f.bytes);
+        m.status(req.status);
+        if req.status == abi::req_status::OK {
+            if let Some(op) = req.op {
+                m.bytes(op, req.bytes());
             }
         }
-        m.latency(f.popped.elapsed());
+        m.latency(req.popped.elapsed());
     }
 
     /// Publishes every queue's finished requests (under the publish lock, only for the current
-    /// epoch) and signals the queues whose driver wants an interrupt.
+    /// epoch and while the guest lets the device master the bus) and signals the queues whose
+    /// driver wants an interrupt. With Bus Master Enable clear the finished requests wait.
     fn flush(&mut self) {
         self.backend.kick();
         if !self.queues.iter().flatten().any(|q| q.pending_done() > 0) {
@@ -647,6 +745,9 @@ impl DeviceLoop {
         let mut broken = None;
         {
             let guard = self.shared.lock_publish();
+            if !self.shared.gate.bus_master() {
+                return;
+            }
             let current = *guard == self.epoch && self.active && !self.broken && !self.hung;
             for (qi, q) in self.queues.iter_mut().enumerate() {
                 let Some(q) = q else { continue };

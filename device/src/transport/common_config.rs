@@ -7,6 +7,7 @@ use std::sync::Arc;
 use super::{lock, Interrupts, QueueRegs, Transport};
 use crate::abi::{self, common, status, NO_VECTOR};
 use crate::engine::QueueConfig;
+use crate::ratelimit::warn_limited;
 
 /// Which 64-bit queue address register, and which part of it an access covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,14 +176,17 @@ impl Transport {
         s
     }
 
-    pub(super) fn features_acceptable(&self) -> bool {
+    pub(super) fn features_acceptable(&mut self) -> bool {
         let unknown = self.driver_features & !self.device_features;
         if unknown != 0 {
-            log::warn!("driver accepted features {unknown:#x} the device does not offer");
+            warn_limited!(
+                self.guest_warnings,
+                "driver accepted features {unknown:#x} the device does not offer"
+            );
             return false;
         }
         if self.driver_features & abi::feature::VERSION_1 == 0 {
-            log::warn!("driver did not accept VERSION_1");
+            warn_limited!(self.guest_warnings, "driver did not accept VERSION_1");
             return false;
         }
         true
@@ -206,7 +210,7 @@ impl Transport {
         }
         let activate = newly(new, status::DRIVER_OK);
         if activate && new & status::FEATURES_OK == 0 {
-            log::warn!("DRIVER_OK without FEATURES_OK ignored");
+            warn_limited!(self.guest_warnings, "DRIVER_OK without FEATURES_OK ignored");
             new &= !status::DRIVER_OK;
         }
         self.status = new;
@@ -247,7 +251,7 @@ impl Transport {
                 self.interrupts = Some(sink);
             }
             Err(e) => {
-                log::warn!("device activation failed: {e}");
+                warn_limited!(self.guest_warnings, "device activation failed: {e}");
                 sink.live.store(false, Ordering::Release);
                 self.activation_failed = true;
                 let vector = self.config_vector.load(Ordering::Acquire);

@@ -14,6 +14,7 @@
 
 use std::sync::atomic::AtomicU16;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -22,6 +23,7 @@ use crate::engine::QueueEngine;
 use crate::pci::config::{BarKind, ConfigSpace, Header};
 use crate::pci::msix::{self, Msix};
 use crate::pci::{command, BarRegion, PciError, PciFunction};
+use crate::ratelimit::RateLimit;
 
 pub use crate::pci::msix::{MsiController, MsiError};
 
@@ -31,6 +33,11 @@ mod common_config;
 mod interrupts;
 #[cfg(test)]
 mod tests;
+
+/// At most this many guest-provoked warnings are logged per [`GUEST_WARNING_PERIOD`].
+const GUEST_WARNING_BURST: u32 = 5;
+/// See [`GUEST_WARNING_BURST`].
+const GUEST_WARNING_PERIOD: Duration = Duration::from_secs(60);
 
 /// The BAR holding every register.
 pub const BAR0_INDEX: u8 = 0;
@@ -109,6 +116,8 @@ pub struct Transport {
     queue_select: u16,
     queues: Vec<QueueRegs>,
     interrupts: Option<Arc<Interrupts>>,
+    /// Warnings the guest can provoke in a loop (bad negotiation, failed activation).
+    guest_warnings: RateLimit,
 }
 
 impl std::fmt::Debug for Transport {
@@ -169,6 +178,10 @@ impl Transport {
             bar0::MSIX_PBA as u32,
         );
         let msix_cap = config.add_capability(msix::CAP_ID, &body, &wmask)?;
+        // The command register starts with Bus Master Enable clear: no DMA until the driver
+        // sets it (Linux: pci_set_master in probe).
+        let mut engine = engine;
+        engine.set_bus_master(config.command() & command::BUS_MASTER != 0);
         Ok(Self {
             engine,
             config,
@@ -189,6 +202,7 @@ impl Transport {
             queue_select: 0,
             queues: vec![QueueRegs::initial(max); usize::from(num_queues)],
             interrupts: None,
+            guest_warnings: RateLimit::new(GUEST_WARNING_BURST, GUEST_WARNING_PERIOD),
         })
     }
 
@@ -284,7 +298,13 @@ fn device_config_bytes(cfg: &abi::DeviceConfig) -> [u8; abi::config::LEN as usiz
 
 impl PciFunction for Transport {
     fn config_write(&mut self, offset: u64, data: &[u8]) {
+        let bus_master = self.config.command() & command::BUS_MASTER != 0;
         self.config.write(offset, data);
+        let now = self.config.command() & command::BUS_MASTER != 0;
+        if now != bus_master {
+            log::debug!("bus mastering {}", if now { "enabled" } else { "disabled" });
+            self.engine.set_bus_master(now);
+        }
         let control = self.msix_cap + msix::CAP_CONTROL;
         let end = offset.saturating_add(data.len() as u64);
         if offset < control + 2 && end > control {

@@ -18,6 +18,8 @@ struct FakeState {
     activated: Option<(u64, Vec<QueueConfig>)>,
     sink: Option<Arc<dyn InterruptSink>>,
     resets_begun: u32,
+    /// Every Bus Master Enable change the transport reported, in order.
+    bus_master: Vec<bool>,
     reset_polls_left: u32,
     needs_reset: bool,
     fail_activate: bool,
@@ -72,6 +74,9 @@ impl QueueEngine for FakeEngine {
     }
     fn needs_reset(&self) -> bool {
         self.state.lock().unwrap().needs_reset
+    }
+    fn set_bus_master(&mut self, on: bool) {
+        self.state.lock().unwrap().bus_master.push(on);
     }
 }
 
