@@ -87,9 +87,16 @@ impl Pool {
                 notifier: notifier.clone(),
                 inflight: inflight.clone(),
             };
+            // Spawned by the device thread: its engine's hook, run first in the worker.
+            let hook = crate::engine::thread_hook();
             let handle = std::thread::Builder::new()
                 .name(format!("aiodma-{name}-{i}"))
-                .spawn(move || worker.run())
+                .spawn(move || {
+                    if let Some(hook) = hook {
+                        (hook.0)(crate::engine::ThreadRole::BackendWorker);
+                    }
+                    worker.run()
+                })
                 .map_err(BackendError::Thread)?;
             // On an early return `pool` is dropped, which stops the workers started so far.
             pool.threads.push(handle);
