@@ -1,12 +1,18 @@
 //! File backing: io_uring with direct transfers between the file and guest memory.
 //!
-//! The file is opened twice: buffered, and with `O_DIRECT` (when the filesystem allows it). A
-//! READ/WRITE becomes one `IORING_OP_READV`/`WRITEV` whose iovecs point straight into guest
-//! memory (host addresses from vm-memory, per region, so a buffer spanning two memory regions
-//! becomes two iovecs); it goes to the `O_DIRECT` descriptor when the offset and every iovec's
-//! address and length are multiples of [`ALIGNMENT`], else to the buffered one. FLUSH is
-//! `IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC` (fdatasync). An eventfd registered with the
-//! ring signals completions to the device thread, which reaps them.
+//! The file is opened once, by path; its `O_DIRECT` twin (when the filesystem allows it) is a
+//! reopen of that descriptor through `/proc/self/fd`, so both name the same inode even if the
+//! path is replaced in between. A READ/WRITE becomes one `IORING_OP_READV`/`WRITEV` whose
+//! iovecs point straight into guest memory (host addresses from vm-memory, per region, so a
+//! buffer spanning two memory regions becomes two iovecs); it goes to the `O_DIRECT` descriptor
+//! when the offset and every iovec's address and length are multiples of [`ALIGNMENT`], else
+//! to the buffered one. FLUSH is `IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC` (fdatasync). An
+//! eventfd registered with the ring signals completions to the device thread, which reaps them.
+//!
+//! A job waits, before it gets an entry, in the [`RangeLock`] while it conflicts with an
+//! in-flight job (write atomicity, SPEC 10), then in a FIFO while the ring is full. It asks the
+//! [`DmaGate`] right before its entry is pushed: jobs still waiting when a reset (or a cleared
+//! Bus Master Enable) closes the gate complete with [`JOB_CANCELED`], at once.
 //!
 //! If io_uring cannot be set up (old kernel, `io_uring_disabled`, seccomp), the same file is
 //! served by the worker pool with `pread`/`pwrite` instead ([`FileStore`]).
@@ -14,7 +20,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +32,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::pool::{Pool, Store};
-use super::{Backend, BackendError, Completion, Job, JobOp, ALIGNMENT};
+use super::range::{LockId, RangeLock};
+use super::{Backend, BackendError, Completion, DmaGate, Job, JobOp, ALIGNMENT, JOB_CANCELED};
 use crate::request::Segment;
 
 /// Submission queue entries of the ring (more jobs wait in a backlog).
@@ -34,6 +41,9 @@ const RING_ENTRIES: u32 = 256;
 
 /// Most iovecs in one READV/WRITEV (Linux's `UIO_MAXIOV`).
 const MAX_IOVECS: usize = 1024;
+
+/// `user_data` of the cancellations queued at drop (operation ids count up from 0).
+const CANCEL: u64 = u64::MAX;
 
 /// Opens an existing backing file read-write and returns it with its size.
 pub fn open_file(path: &Path) -> Result<(File, u64), BackendError> {
@@ -64,20 +74,36 @@ pub fn open_file(path: &Path) -> Result<(File, u64), BackendError> {
     Ok((file, size))
 }
 
+/// A read-write `O_DIRECT` descriptor for the inode `file` refers to. `/proc/self/fd/N` resolves
+/// to the open file itself, not to the path it was opened by, so a path swapped since cannot
+/// give a different file (and the `O_DIRECT` flag stays off `file`'s own open file
+/// description, which `F_SETFL` on a dup would change too).
+pub fn reopen_direct(file: &File) -> io::Result<File> {
+    let direct = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    let (a, b) = (file.metadata()?, direct.metadata()?);
+    if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
+        // Only if /proc is not procfs.
+        return Err(io::Error::other(
+            "the reopened descriptor names another file",
+        ));
+    }
+    Ok(direct)
+}
+
 /// Opens the file backing: io_uring if possible, else the worker pool.
 pub fn open(
     path: &Path,
     mem: GuestMemoryMmap,
     workers: usize,
     inflight: Arc<AtomicU64>,
+    gate: Arc<DmaGate>,
 ) -> Result<Box<dyn Backend>, BackendError> {
     let (file, capacity) = open_file(path)?;
-    let direct = match OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-    {
+    let direct = match reopen_direct(&file) {
         Ok(f) => Some(f),
         Err(e) => {
             info!(
@@ -93,6 +119,7 @@ pub fn open(
         capacity,
         mem.clone(),
         inflight.clone(),
+        gate.clone(),
     ) {
         Ok(uring) => Ok(Box::new(uring)),
         Err(e) => {
@@ -102,14 +129,22 @@ pub fn open(
                 workers.max(1)
             );
             let store = FileStore { file, capacity };
-            Ok(Box::new(Pool::new("file", store, mem, workers, inflight)?))
+            Ok(Box::new(Pool::new(
+                "file", store, mem, workers, inflight, gate,
+            )?))
         }
     }
+}
+
+fn canceled() -> io::Error {
+    io::Error::from_raw_os_error(JOB_CANCELED)
 }
 
 /// One READV/WRITEV/FSYNC in the ring.
 struct UringOp {
     job: Job,
+    /// The job's range in the [`RangeLock`], released at completion.
+    lock: Option<LockId>,
     /// Host addresses inside guest memory; must stay alive (and unmoved on the heap) until the
     /// completion arrives.
     iovecs: Vec<libc::iovec>,
@@ -126,14 +161,29 @@ pub struct Uring {
     notifier: EventFd,
     /// Keeps guest memory mapped while the kernel may still access it.
     mem: GuestMemoryMmap,
+    gate: Arc<DmaGate>,
+    /// The gate's (epoch, bus master) when the queued jobs were last checked against it.
+    gate_seen: (u64, bool),
+    /// Jobs waiting for an earlier conflicting one (write atomicity).
+    order: RangeLock<Job>,
+    /// Operations with an entry in the ring, by id (the entry's `user_data`).
     ops: HashMap<u64, UringOp>,
-    backlog: VecDeque<Job>,
+    next_op: u64,
+    /// Jobs free to start, waiting for room in the ring (not started: the gate is asked when
+    /// they leave).
+    ready: VecDeque<(Option<LockId>, Job)>,
+    /// Scratch space for the jobs a release lets go.
+    released: Vec<(LockId, Job)>,
+    /// Completions of jobs that never reached the ring.
     failed: Vec<Completion>,
     inflight: Arc<AtomicU64>,
     depth: usize,
-    unsubmitted: bool,
     /// Transfers started on the O_DIRECT descriptor.
     direct_ops: u64,
+    /// A submission left entries in the ring: logged once until one goes through again.
+    stalled: bool,
+    /// Set by `Drop`: nothing starts any more.
+    closing: bool,
 }
 
 impl std::fmt::Debug for Uring {
@@ -142,7 +192,8 @@ impl std::fmt::Debug for Uring {
             .field("capacity", &self.capacity)
             .field("direct", &self.direct.is_some())
             .field("in_ring", &self.ops.len())
-            .field("backlog", &self.backlog.len())
+            .field("ready", &self.ready.len())
+            .field("held", &self.order.held())
             .field("direct_ops", &self.direct_ops)
             .finish()
     }
@@ -156,12 +207,28 @@ impl Uring {
         capacity: u64,
         mem: GuestMemoryMmap,
         inflight: Arc<AtomicU64>,
+        gate: Arc<DmaGate>,
+    ) -> io::Result<Uring> {
+        Self::with_entries(file, direct, capacity, mem, inflight, gate, RING_ENTRIES)
+    }
+
+    fn with_entries(
+        file: io::Result<File>,
+        direct: Option<File>,
+        capacity: u64,
+        mem: GuestMemoryMmap,
+        inflight: Arc<AtomicU64>,
+        gate: Arc<DmaGate>,
+        entries: u32,
     ) -> io::Result<Uring> {
         let file = file?;
-        let ring = IoUring::new(RING_ENTRIES)?;
+        let ring = IoUring::new(entries)?;
         let notifier = EventFd::new(EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(notifier.as_raw_fd())?;
+        // At most this many operations are in the ring at once, so the completion queue (twice
+        // as large) never overflows.
         let depth = ring.params().sq_entries() as usize;
+        let gate_seen = (gate.epoch(), gate.bus_master());
         Ok(Uring {
             ring,
             file,
@@ -169,13 +236,19 @@ impl Uring {
             capacity,
             notifier,
             mem,
+            gate,
+            gate_seen,
+            order: RangeLock::new(),
             ops: HashMap::new(),
-            backlog: VecDeque::new(),
+            next_op: 0,
+            ready: VecDeque::new(),
+            released: Vec::new(),
             failed: Vec::new(),
             inflight,
             depth,
-            unsubmitted: false,
             direct_ops: 0,
+            stalled: false,
+            closing: false,
         })
     }
 
@@ -197,19 +270,64 @@ impl Uring {
         Ok(iovecs)
     }
 
-    fn complete(&mut self, token: u64, result: io::Result<()>) {
-        self.inflight.fetch_sub(1, Ordering::Release);
-        self.failed.push(Completion { token, result });
+    /// Releases a finished job's range; the jobs that waited for it join the ready queue.
+    fn release(&mut self, lock: Option<LockId>) {
+        let Some(id) = lock else {
+            return;
+        };
+        self.order.release(id, &mut self.released);
+        self.ready
+            .extend(self.released.drain(..).map(|(id, job)| (Some(id), job)));
     }
 
-    /// Puts `job` in the ring, or in the backlog when the ring is full. `force_buffered` skips
-    /// the O_DIRECT path.
-    fn start(&mut self, job: Job, force_buffered: bool) {
-        if self.ops.len() >= self.depth {
-            self.backlog.push_back(job);
+    /// Completes a job that never got an entry: it did not and will not touch guest memory.
+    fn finish_unstarted(&mut self, lock: Option<LockId>, token: u64, result: io::Result<()>) {
+        self.inflight.fetch_sub(1, Ordering::Release);
+        self.failed.push(Completion { token, result });
+        self.release(lock);
+    }
+
+    /// Checks every queued job against the gate, refusing those it no longer allows (and
+    /// those their release lets go, in turn).
+    fn refuse_queued(&mut self) {
+        let mut queue = std::mem::take(&mut self.ready);
+        let mut kept = VecDeque::with_capacity(queue.len());
+        while let Some((lock, job)) = queue.pop_front() {
+            if !self.closing && self.gate.allows(job.epoch) {
+                kept.push_back((lock, job));
+                continue;
+            }
+            self.finish_unstarted(lock, job.token, Err(canceled()));
+            queue.append(&mut self.ready);
+        }
+        self.ready = kept;
+    }
+
+    /// Moves ready jobs into the ring while it has room. When the gate changed since the last
+    /// call, first refuses every queued job it no longer allows, so that they stop counting as
+    /// in flight without waiting for room in the ring.
+    fn pump(&mut self) {
+        let gate = (self.gate.epoch(), self.gate.bus_master());
+        if gate != self.gate_seen {
+            self.gate_seen = gate;
+            self.refuse_queued();
+        }
+        while self.ops.len() < self.depth {
+            let Some((lock, job)) = self.ready.pop_front() else {
+                break;
+            };
+            self.start(lock, job);
+        }
+    }
+
+    /// Gives `job` an entry in the ring (the ring has room), or completes it at once when the
+    /// gate refuses it or its buffers cannot be described.
+    fn start(&mut self, lock: Option<LockId>, job: Job) {
+        // Right before the entry is pushed: from then on the kernel may access guest memory.
+        if self.closing || !self.gate.allows(job.epoch) {
+            self.finish_unstarted(lock, job.token, Err(canceled()));
             return;
         }
-        let token = job.token;
         let (iovecs, expected, direct) = match job.op {
             JobOp::Flush => (Vec::new(), 0, false),
             JobOp::Read | JobOp::Write => match self.iovecs(&job.segments) {
@@ -220,27 +338,23 @@ impl Uring {
                             (v.iov_base as usize).is_multiple_of(align) && v.iov_len % align == 0
                         });
                     let expected = iov.iter().map(|v| v.iov_len).sum();
-                    (
-                        iov,
-                        expected,
-                        aligned && !force_buffered && self.direct.is_some(),
-                    )
+                    (iov, expected, aligned && self.direct.is_some())
                 }
                 Err(e) => {
-                    self.complete(token, Err(e));
+                    self.finish_unstarted(lock, job.token, Err(e));
                     return;
                 }
             },
         };
         let fd = match (&self.direct, direct) {
-            (Some(d), true) => {
-                self.direct_ops += 1;
-                d.as_raw_fd()
-            }
+            (Some(d), true) => d.as_raw_fd(),
             _ => self.file.as_raw_fd(),
         };
+        let id = self.next_op;
+        self.next_op += 1;
         let op = UringOp {
             job,
+            lock,
             iovecs,
             expected,
             direct,
@@ -260,37 +374,45 @@ impl Uring {
                     .build()
             }
         }
-        .user_data(token);
+        .user_data(id);
         // The iovec array lives on the heap inside `op`, which stays in `self.ops` (moving the
-        // `Vec` does not move its buffer) until the completion for `token` is reaped.
-        self.ops.insert(token, op);
-        // SAFETY: the entry references (1) the iovec array owned by `self.ops[token]`, kept
-        // until this entry's completion is reaped (also in `Drop`); (2) guest memory through
-        // those iovecs: host addresses of `self.mem`'s mappings, bounds-checked by `get_slices`,
-        // which stay mapped while `self.mem` (a clone sharing the mappings) is alive, and `Drop`
-        // waits for every completion before `self.mem` goes; (3) `fd`, owned by `self.file` or
-        // `self.direct`, which also outlive every in-flight entry.
+        // `Vec` does not move its buffer) until the completion for `id` is reaped.
+        self.ops.insert(id, op);
+        // SAFETY: the entry references (1) the iovec array owned by `self.ops[id]`, kept until
+        // this entry's completion is reaped (`Drop` waits for every completion, or leaks the
+        // arrays); (2) guest memory through those iovecs: host addresses of `self.mem`'s
+        // mappings, bounds-checked by `get_slices`, which stay mapped while `self.mem` (a clone
+        // sharing the mappings) is alive, and `Drop` waits for every completion before
+        // `self.mem` goes (or leaks it); (3) `fd`, owned by `self.file` or `self.direct`: the
+        // kernel takes its own reference to the file when it picks the entry up.
         let pushed = unsafe { self.ring.submission().push(&entry) };
         if pushed.is_err() {
-            if let Some(op) = self.ops.remove(&token) {
-                self.backlog.push_front(op.job);
+            // Not expected: the ring never holds more than `depth` operations.
+            if let Some(op) = self.ops.remove(&id) {
+                self.ready.push_front((op.lock, op.job));
             }
             return;
         }
-        self.unsubmitted = true;
+        if direct {
+            self.direct_ops += 1;
+        }
     }
 
-    fn on_cqe(&mut self, token: u64, res: i32, out: &mut Vec<Completion>) {
-        let Some(op) = self.ops.remove(&token) else {
-            warn!("io_uring: completion for unknown token {token}");
+    fn on_cqe(&mut self, id: u64, res: i32, out: &mut Vec<Completion>) {
+        if id == CANCEL {
+            return;
+        }
+        let Some(op) = self.ops.remove(&id) else {
+            warn!("io_uring: completion for unknown operation {id}");
             return;
         };
-        if res < 0 && op.direct && -res == libc::EINVAL {
-            // The filesystem refused this O_DIRECT transfer: retry buffered, and stop using the
-            // direct path altogether.
+        if res < 0 && op.direct && -res == libc::EINVAL && !self.closing {
+            // The filesystem refused this O_DIRECT transfer (before touching any memory): stop
+            // using the direct path altogether and start the job again, buffered, first in line
+            // (it keeps its range).
             info!("io_uring: O_DIRECT transfer refused (EINVAL); falling back to buffered I/O");
             self.direct = None;
-            self.start(op.job, true);
+            self.ready.push_front((op.lock, op.job));
             return;
         }
         let result = if res < 0 {
@@ -304,10 +426,17 @@ impl Uring {
             Ok(())
         };
         if let Err(e) = &result {
-            debug!("io_uring job {token} ({:?}) failed: {e}", op.job.op);
+            debug!(
+                "io_uring job {} ({:?}) failed: {e}",
+                op.job.token, op.job.op
+            );
         }
         self.inflight.fetch_sub(1, Ordering::Release);
-        out.push(Completion { token, result });
+        out.push(Completion {
+            token: op.job.token,
+            result,
+        });
+        self.release(op.lock);
     }
 
     fn drain_cq(&mut self, out: &mut Vec<Completion>) -> usize {
@@ -316,10 +445,47 @@ impl Uring {
             .completion()
             .map(|c| (c.user_data(), c.result()))
             .collect();
-        for &(token, res) in &cqes {
-            self.on_cqe(token, res, out);
+        for &(id, res) in &cqes {
+            self.on_cqe(id, res, out);
         }
         cqes.len()
+    }
+
+    /// Hands the entries in the submission queue to the kernel. The kernel may take only some
+    /// of them (it stops at an entry it cannot set up, or when short of memory: EAGAIN; EBUSY
+    /// while completions are backed up): the rest stay queued and go with the next call. That
+    /// call follows a completion of an operation the kernel holds; when it holds none, the
+    /// notifier brings the device thread back.
+    fn submit_ring(&mut self) {
+        if self.ring.submission().is_empty() {
+            return;
+        }
+        let result = self.ring.submit();
+        let left = self.ring.submission().len();
+        if left == 0 {
+            self.stalled = false;
+            return;
+        }
+        let busy = match &result {
+            Ok(_) => false,
+            Err(e) => matches!(
+                e.raw_os_error(),
+                Some(libc::EBUSY) | Some(libc::EAGAIN) | Some(libc::EINTR)
+            ),
+        };
+        if !self.stalled {
+            self.stalled = true;
+            match &result {
+                Ok(n) => debug!("io_uring: the kernel took {n} entries, {left} left for later"),
+                Err(e) => warn!("io_uring submit failed ({e}); {left} entries left for later"),
+            }
+        }
+        let in_kernel = self.ops.len().saturating_sub(left);
+        if in_kernel == 0 || busy {
+            if let Err(e) = self.notifier.write(1) {
+                warn!("io_uring: cannot schedule a retry: {e}");
+            }
+        }
     }
 }
 
@@ -338,56 +504,76 @@ impl Backend for Uring {
 
     fn submit(&mut self, job: Job) {
         self.inflight.fetch_add(1, Ordering::AcqRel);
-        self.start(job, false);
+        match job.op {
+            JobOp::Read | JobOp::Write => {
+                let (offset, len, write) = (job.offset, job.len(), job.op == JobOp::Write);
+                if let Some((id, job)) = self.order.acquire(offset, len, write, job) {
+                    self.ready.push_back((Some(id), job));
+                }
+            }
+            JobOp::Flush => self.ready.push_back((None, job)),
+        }
+        self.pump();
     }
 
     fn kick(&mut self) {
-        if !self.unsubmitted {
-            return;
-        }
-        match self.ring.submit() {
-            Ok(_) => self.unsubmitted = false,
-            // EBUSY/EAGAIN: the kernel is short of resources; entries stay in the SQ and the
-            // next kick (after reaping) retries.
-            Err(e) => warn!("io_uring submit failed: {e}"),
+        self.pump();
+        self.submit_ring();
+        if !self.failed.is_empty() {
+            // Completed outside `reap` (refused by the gate): bring the device thread back.
+            let _ = self.notifier.write(1);
         }
     }
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
         let _ = self.notifier.read();
-        out.append(&mut self.failed);
         while self.drain_cq(out) > 0 {}
+        self.pump();
         out.append(&mut self.failed);
-        while self.ops.len() < self.depth {
-            let Some(job) = self.backlog.pop_front() else {
-                break;
-            };
-            self.start(job, false);
-        }
-        out.append(&mut self.failed);
-        self.kick();
+        self.submit_ring();
     }
 }
 
 impl Drop for Uring {
     fn drop(&mut self) {
-        // Guest memory must stay mapped and the iovecs alive until the kernel is done with every
-        // entry: wait for all completions (bounded, in case the kernel misbehaves).
+        // Jobs that never got an entry will not start.
+        self.closing = true;
+        let unstarted = self.ready.len() + self.order.take_held().len();
+        self.ready.clear();
+        self.inflight.fetch_sub(unstarted as u64, Ordering::Release);
+        // The iovec arrays and guest memory must outlive every entry the kernel may still act
+        // on: ask it to cancel them all (a transfer already running finishes), then wait for
+        // each completion, however long that takes.
+        let mut cancel: Vec<u64> = self.ops.keys().copied().collect();
         let mut sink = Vec::new();
-        let mut rounds = 0;
-        while !self.ops.is_empty() && rounds < 10_000 {
-            rounds += 1;
-            if let Err(e) = self.ring.submit_and_wait(1) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    warn!("io_uring: waiting for in-flight operations at shutdown: {e}");
+        while !self.ops.is_empty() {
+            while let Some(&id) = cancel.last() {
+                let entry = opcode::AsyncCancel::new(id).build().user_data(CANCEL);
+                // SAFETY: a cancellation carries only the target's user_data, no pointers.
+                if unsafe { self.ring.submission().push(&entry) }.is_err() {
                     break;
+                }
+                cancel.pop();
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+                    ) => {}
+                Err(e) => {
+                    // Whether the kernel is done with them is unknown: never free them.
+                    warn!(
+                        "io_uring: cannot wait for {} in-flight operation(s) at shutdown ({e}); leaking their buffers",
+                        self.ops.len()
+                    );
+                    std::mem::forget(std::mem::take(&mut self.ops));
+                    std::mem::forget(std::mem::take(&mut self.mem));
+                    return;
                 }
             }
             self.drain_cq(&mut sink);
-        }
-        // Jobs never started were counted too.
-        for _ in self.backlog.drain(..) {
-            self.inflight.fetch_sub(1, Ordering::Release);
         }
     }
 }
@@ -491,6 +677,10 @@ mod tests {
         path
     }
 
+    fn gate() -> Arc<DmaGate> {
+        Arc::new(DmaGate::default())
+    }
+
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::<()>::from_ranges(&[
             (GuestAddress(0), 0x10_0000),
@@ -585,7 +775,7 @@ mod tests {
         let path = temp_file("uring.img", 1 << 20);
         let mem = mem();
         let inflight = Arc::new(AtomicU64::new(0));
-        let mut b = open(&path, mem.clone(), 2, inflight.clone()).unwrap();
+        let mut b = open(&path, mem.clone(), 2, inflight.clone(), gate()).unwrap();
         assert_eq!(b.capacity(), 1 << 20);
         round_trip(&mut *b, &mem, &inflight);
         drop(b);
@@ -603,16 +793,19 @@ mod tests {
     fn aligned_transfers_take_the_direct_path() {
         let path = temp_file("direct.img", 1 << 20);
         let (file, size) = open_file(&path).unwrap();
-        let direct = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-            .ok();
+        let direct = reopen_direct(&file).ok();
         let has_direct = direct.is_some();
         let mem = mem();
         let inflight = Arc::new(AtomicU64::new(0));
-        let mut u = Uring::new(Ok(file), direct, size, mem.clone(), inflight.clone()).unwrap();
+        let mut u = Uring::new(
+            Ok(file),
+            direct,
+            size,
+            mem.clone(),
+            inflight.clone(),
+            gate(),
+        )
+        .unwrap();
         round_trip(&mut u, &mem, &inflight);
         // Jobs 1 and 4 are aligned; 2 and 5 are not.
         if has_direct {
@@ -633,6 +826,7 @@ mod tests {
             mem.clone(),
             2,
             inflight.clone(),
+            gate(),
         )
         .unwrap();
         round_trip(&mut b, &mem, &inflight);
@@ -644,7 +838,7 @@ mod tests {
         let path = temp_file("short.img", 1 << 20);
         let mem = mem();
         let inflight = Arc::new(AtomicU64::new(0));
-        let mut b = open(&path, mem.clone(), 1, inflight.clone()).unwrap();
+        let mut b = open(&path, mem.clone(), 1, inflight.clone(), gate()).unwrap();
         // Someone truncates the file under the device: the read comes up short.
         File::options()
             .write(true)
@@ -688,7 +882,7 @@ mod tests {
         let path = temp_file("backlog.img", 1 << 20);
         let mem = mem();
         let inflight = Arc::new(AtomicU64::new(0));
-        let mut b = open(&path, mem.clone(), 1, inflight.clone()).unwrap();
+        let mut b = open(&path, mem.clone(), 1, inflight.clone(), gate()).unwrap();
         let n = RING_ENTRIES as u64 * 2 + 5;
         for t in 0..n {
             b.submit(Job {

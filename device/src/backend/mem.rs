@@ -123,6 +123,23 @@ mod tests {
     }
 
     #[test]
+    fn overlapping_writes_never_tear_a_block() {
+        use crate::backend::pool::Pool;
+        use crate::backend::testing;
+        use crate::backend::DmaGate;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+
+        let mem = testing::atomicity_memory();
+        let inflight = Arc::new(AtomicU64::new(0));
+        let store = MemStore::new(4 << 20).unwrap();
+        let gate = Arc::new(DmaGate::default());
+        let mut pool = Pool::new("mem", store, mem.clone(), 4, inflight.clone(), gate).unwrap();
+        testing::overlapping_writes_never_tear(&mut pool, &mem, 0x5eed_0001);
+        assert_eq!(inflight.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
     fn out_of_range_is_an_error_not_a_panic() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         let store = MemStore::new(4096).unwrap();

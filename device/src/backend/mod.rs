@@ -13,7 +13,13 @@
 //!
 //! Every backend counts, in the shared `inflight` counter, the jobs that may still touch guest
 //! memory: incremented by `submit`, decremented once the job can no longer touch it. The device
-//! reports a reset complete only when it is zero.
+//! reports a reset complete only when it is zero. So that this takes the time of the jobs
+//! already copying, not of everything queued behind them, a backend asks the [`DmaGate`] right
+//! before a job's first guest-memory access and completes a refused job with [`JOB_CANCELED`].
+//!
+//! Every backend orders overlapping jobs through a [`range::RangeLock`] (write atomicity,
+//! SPEC 10): a job that shares a 512-byte block with an in-flight job, one of the two a WRITE,
+//! starts only once the earlier one completed; other jobs are not held back.
 
 use std::fmt;
 use std::io;
@@ -29,6 +35,9 @@ use crate::request::Segment;
 pub mod file;
 pub mod mem;
 pub mod pool;
+pub mod range;
+#[cfg(test)]
+mod testing;
 
 /// Offsets, lengths and addresses aligned to this take the direct path (`DeviceConfig::alignment`).
 pub const ALIGNMENT: u32 = 512;
@@ -359,14 +368,13 @@ pub fn open(
     inflight: Arc<AtomicU64>,
     gate: Arc<DmaGate>,
 ) -> Result<Box<dyn Backend>, BackendError> {
-    let _ = &gate;
     match backing {
         Backing::Memory { size } => {
             let store = mem::MemStore::new(*size)?;
-            let pool = pool::Pool::new("mem", store, mem, workers, inflight)?;
+            let pool = pool::Pool::new("mem", store, mem, workers, inflight, gate)?;
             Ok(Box::new(pool))
         }
-        Backing::File { path } => file::open(path, mem, workers, inflight),
+        Backing::File { path } => file::open(path, mem, workers, inflight, gate),
     }
 }
 
