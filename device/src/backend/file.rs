@@ -664,6 +664,7 @@ impl Store for FileStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::testing;
     use std::io::{Read, Write};
     use std::time::{Duration, Instant};
     use vm_memory::{Bytes, GuestAddress};
@@ -875,6 +876,230 @@ mod tests {
         let e = open_file(&dir).unwrap_err().to_string();
         assert!(e.contains(&dir.display().to_string()), "{e}");
         let _ = std::fs::remove_file(empty);
+    }
+
+    fn small_uring(
+        path: &Path,
+        entries: u32,
+        mem: &GuestMemoryMmap,
+    ) -> (Uring, Arc<AtomicU64>, Arc<DmaGate>) {
+        let (file, size) = open_file(path).unwrap();
+        let direct = reopen_direct(&file).ok();
+        let inflight = Arc::new(AtomicU64::new(0));
+        let gate = gate();
+        let u = Uring::with_entries(
+            Ok(file),
+            direct,
+            size,
+            mem.clone(),
+            inflight.clone(),
+            gate.clone(),
+            entries,
+        )
+        .unwrap();
+        (u, inflight, gate)
+    }
+
+    fn is_canceled(c: &Completion) -> bool {
+        matches!(&c.result, Err(e) if e.raw_os_error() == Some(JOB_CANCELED))
+    }
+
+    /// 4 entries in the ring, 196 reads waiting for room and 2 jobs held behind a conflict with
+    /// the first; then `stop` closes the gate. The device thread's next kick refuses the 196
+    /// at once (they stop counting as in flight before any completion), the held ones are
+    /// refused when the conflict ends, and no refused job touches guest memory or the file.
+    fn queued_jobs_are_refused(stop: impl FnOnce(&DmaGate)) {
+        let path = temp_file("refuse.img", 4 << 20);
+        let mem = mem();
+        mem.write_slice(&vec![0xaa; 0x20_0000], GuestAddress(0))
+            .unwrap();
+        let (mut u, inflight, gate) = small_uring(&path, 4, &mem);
+        let n = 200u64;
+        for t in 0..n {
+            u.submit(Job {
+                token: t,
+                epoch: 0,
+                op: JobOp::Read,
+                offset: t * 4096,
+                segments: vec![seg(t * 4096, 4096)],
+            });
+        }
+        // Held behind read 0, then behind this write.
+        u.submit(Job {
+            token: n,
+            epoch: 0,
+            op: JobOp::Write,
+            offset: 0,
+            segments: vec![seg(0x10_0000, 4096)],
+        });
+        u.submit(Job {
+            token: n + 1,
+            epoch: 0,
+            op: JobOp::Read,
+            offset: 0,
+            segments: vec![seg(0x18_0000, 4096)],
+        });
+        assert_eq!((u.ops.len(), u.ready.len(), u.order.held()), (4, 196, 2));
+        stop(&gate);
+        u.kick();
+        assert_eq!(inflight.load(Ordering::Acquire), 4 + 2);
+        let done = wait(&mut u, n as usize + 2);
+        assert_eq!(done.len() as u64, n + 2);
+        for c in &done {
+            if c.token < 4 {
+                assert!(c.result.is_ok(), "{c:?}");
+            } else {
+                assert!(is_canceled(c), "{c:?}");
+            }
+        }
+        assert_eq!(inflight.load(Ordering::Acquire), 0);
+        let mut buf = vec![0u8; 0x20_0000];
+        mem.read_slice(&mut buf, GuestAddress(0)).unwrap();
+        assert!(buf[..4 * 4096].iter().all(|&b| b == 0));
+        assert!(buf[4 * 4096..].iter().all(|&b| b == 0xaa));
+        let mut head = vec![0xffu8; 4096];
+        File::open(&path).unwrap().read_exact(&mut head).unwrap();
+        assert!(
+            head.iter().all(|&b| b == 0),
+            "the refused write reached the file"
+        );
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn io_uring_reset_refuses_the_backlog() {
+        queued_jobs_are_refused(|gate| gate.set_epoch(1));
+    }
+
+    #[test]
+    fn io_uring_bus_master_off_refuses_the_backlog() {
+        queued_jobs_are_refused(|gate| gate.set_bus_master(false));
+    }
+
+    #[test]
+    fn a_partial_submission_is_finished_later() {
+        let path = temp_file("partial.img", 1 << 20);
+        let mem = mem();
+        let (mut u, inflight, _) = small_uring(&path, 8, &mem);
+        // An entry the kernel cannot set up (BUFFER_SELECT on an fsync) ahead of the jobs: the
+        // kernel consumes it, completes it with an error and stops there.
+        let bad = opcode::Fsync::new(types::Fd(u.file.as_raw_fd()))
+            .build()
+            .flags(io_uring::squeue::Flags::BUFFER_SELECT)
+            .user_data(CANCEL);
+        // SAFETY: the entry references no memory, and the descriptor outlives the ring.
+        unsafe { u.ring.submission().push(&bad) }.unwrap();
+        for t in 0..4u64 {
+            u.submit(Job {
+                token: t,
+                epoch: 0,
+                op: JobOp::Read,
+                offset: t * 4096,
+                segments: vec![seg(t * 4096, 4096)],
+            });
+        }
+        u.kick();
+        assert_eq!(
+            u.ring.submission().len(),
+            4,
+            "the kernel should have stopped at the bad entry"
+        );
+        // `wait` only reaps, as the device thread does on a completion.
+        let done = wait(&mut u, 4);
+        assert_eq!(
+            done.len(),
+            4,
+            "entries left in the ring were never submitted"
+        );
+        assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
+        assert_eq!(inflight.load(Ordering::Acquire), 0);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn the_direct_twin_is_the_opened_file_even_if_the_path_is_swapped() {
+        let path = temp_file("inode.img", 1 << 20);
+        let (file, _) = open_file(&path).unwrap();
+        // The path is replaced after the open.
+        let other = temp_file("inode-other.img", 1 << 20);
+        std::fs::rename(&other, &path).unwrap();
+        let direct = match reopen_direct(&file) {
+            Ok(d) => d,
+            Err(e) => {
+                // A filesystem without O_DIRECT: nothing to compare.
+                eprintln!("no O_DIRECT in {}: {e}", path.display());
+                return;
+            }
+        };
+        let (a, b) = (file.metadata().unwrap(), direct.metadata().unwrap());
+        assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()));
+        assert_ne!(std::fs::metadata(&path).unwrap().ino(), a.ino());
+        // O_DIRECT is set on the twin only, not on the buffered descriptor's description.
+        // SAFETY: F_GETFL on descriptors owned by `file` and `direct`; no memory involved.
+        let (fa, fb) = unsafe {
+            (
+                libc::fcntl(file.as_raw_fd(), libc::F_GETFL),
+                libc::fcntl(direct.as_raw_fd(), libc::F_GETFL),
+            )
+        };
+        assert_eq!(fa & libc::O_DIRECT, 0);
+        assert_ne!(fb & libc::O_DIRECT, 0);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn drop_waits_for_every_entry() {
+        let path = temp_file("drop.img", 8 << 20);
+        let mem = mem();
+        let (mut u, inflight, _) = small_uring(&path, 16, &mem);
+        let write = |t: u64| Job {
+            token: t,
+            epoch: 0,
+            op: JobOp::Write,
+            offset: (t % 24) * 0x1_0000,
+            segments: vec![seg(0, 0x1_0000)],
+        };
+        // Submitted to the kernel, pushed but not submitted, waiting for room, held behind a
+        // conflict.
+        for t in 0..8 {
+            u.submit(write(t));
+        }
+        u.kick();
+        for t in 8..48 {
+            u.submit(write(t));
+        }
+        assert!(!u.ring.submission().is_empty());
+        assert!(!u.ready.is_empty());
+        assert!(u.order.held() > 0);
+        drop(u);
+        // Every entry completed (each decrements the count when its completion is seen).
+        assert_eq!(inflight.load(Ordering::Acquire), 0);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn io_uring_overlapping_writes_never_tear_a_block() {
+        let path = temp_file("atomic-uring.img", 4 << 20);
+        let mem = testing::atomicity_memory();
+        let inflight = Arc::new(AtomicU64::new(0));
+        let mut b = open(&path, mem.clone(), 2, inflight.clone(), gate()).unwrap();
+        assert_eq!(b.name(), "file (io_uring)");
+        testing::overlapping_writes_never_tear(&mut *b, &mem, 0x5eed_0002);
+        assert_eq!(inflight.load(Ordering::Acquire), 0);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn pool_file_overlapping_writes_never_tear_a_block() {
+        let path = temp_file("atomic-pool.img", 4 << 20);
+        let (file, size) = open_file(&path).unwrap();
+        let mem = testing::atomicity_memory();
+        let inflight = Arc::new(AtomicU64::new(0));
+        let store = FileStore::new(file, size);
+        let mut b = Pool::new("file", store, mem.clone(), 4, inflight.clone(), gate()).unwrap();
+        testing::overlapping_writes_never_tear(&mut b, &mem, 0x5eed_0003);
+        assert_eq!(inflight.load(Ordering::Acquire), 0);
+        let _ = std::fs::remove_file(path);
     }
 
     #[test]
