@@ -7,6 +7,8 @@ use aiodma_device::backend::Backing;
 use aiodma_device::fault::FaultRule;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::seccomp::SeccompMode;
+
 /// `--backing`: the engine's syntax (its messages name the bad part).
 fn parse_backing(s: &str) -> Result<Backing, String> {
     Backing::parse(s).map_err(|e| e.to_string())
@@ -15,6 +17,11 @@ fn parse_backing(s: &str) -> Result<Backing, String> {
 /// `--fault`: the engine's syntax (its messages name the rule and the bad part).
 fn parse_fault(s: &str) -> Result<FaultRule, String> {
     FaultRule::parse(s).map_err(|e| e.to_string())
+}
+
+/// `--seccomp`: one line naming the bad value (clap's own enum error would print the usage).
+fn parse_seccomp(s: &str) -> Result<SeccompMode, String> {
+    SeccompMode::parse(s)
 }
 
 /// `--queue-size`: a power of two that a split virtqueue can have.
@@ -55,7 +62,8 @@ pub enum Command {
     /// Boot the test guest and run GUEST_COMMAND in it (a shell when none is given).
     ///
     /// The exit status is the guest command's. Other codes: 2 bad input, 3 KVM failure,
-    /// 101 guest kernel panic, 102 guest reset without an exit status, 124 timeout.
+    /// 101 guest kernel panic, 102 guest reset without an exit status, 124 timeout,
+    /// 159 a system call forbidden by `--seccomp on`.
     Run(RunArgs),
     /// Benchmarks that print a table.
     #[command(subcommand)]
@@ -178,6 +186,14 @@ pub struct RunArgs {
     /// QEMU (emulated), or decide by probing this machine's KVM (auto).
     #[arg(long, value_enum, default_value = "auto", env = "AIODMA_HOST")]
     pub host: HostMode,
+
+    /// System call filters on the VMM's threads (vCPUs, device, backend workers, main):
+    /// on (a forbidden call stops the VMM with a message naming it, exit code 159), log (the
+    /// kernel's audit log records it, the call proceeds) or off. In the emulated host they
+    /// apply to the inner VMM.
+    #[arg(long, value_name = "on|log|off", default_value = "off", env = "AIODMA_SECCOMP",
+          value_parser = parse_seccomp)]
+    pub seccomp: SeccompMode,
 
     /// Number of queues, 1..=63 (each has its own MSI-X vector). Default: one per vCPU.
     #[arg(long, value_name = "N", help_heading = "DMA device",
@@ -333,6 +349,10 @@ mod tests {
             (&["run", "--backing", "mem:abc"][..], "abc"),
             (&["run", "--fault", "explode:p=1"], "explode"),
             (&["run", "--queue-size", "100"], "100 is not a power of two"),
+            (
+                &["run", "--seccomp", "strict"],
+                "'strict' is not a seccomp mode",
+            ),
         ] {
             let err = parse(args).unwrap_err();
             assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
@@ -340,6 +360,29 @@ mod tests {
             let first = first.lines().next().unwrap();
             assert!(first.contains(needle), "{first}");
             assert!(first.contains(args[1]), "{first}");
+        }
+    }
+
+    #[test]
+    fn seccomp_modes() {
+        if std::env::var_os("AIODMA_SECCOMP").is_none() {
+            assert_eq!(run_args(&[]).seccomp, SeccompMode::On);
+        }
+        for (value, mode) in [
+            ("on", SeccompMode::On),
+            ("log", SeccompMode::Log),
+            ("off", SeccompMode::Off),
+        ] {
+            assert_eq!(run_args(&["--seccomp", value]).seccomp, mode);
+        }
+        for bad in ["", "ON", "trap", "1"] {
+            let err = parse(&["run", "--seccomp", bad]).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{bad:?}"
+            );
         }
     }
 

@@ -79,6 +79,8 @@ pub struct VmConfig {
     pub metrics: Option<PathBuf>,
     /// The DMA device, unless `--no-device`.
     pub device: Option<DeviceSpec>,
+    /// System call filters (`--seccomp`).
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 /// The DMA device's flags.
@@ -284,6 +286,7 @@ impl VmConfig {
             interactive: args.command.is_empty(),
             metrics,
             device: DeviceSpec::from_args(args)?,
+            seccomp: args.seccomp,
         })
     }
 }

@@ -4,10 +4,11 @@
 //! |------|---------|
 //! | 0..=255 | the guest command's own exit status (reported through `abi::platform::EXIT_PORT`) |
 //! | 2   | bad input: flags, missing or invalid kernel/initrd files |
-//! | 3   | KVM failure: a failing ioctl, an unexpected exit reason, an emulation failure |
+//! | 3   | KVM failure: a failing ioctl, an unexpected exit reason, an emulation failure; a seccomp filter that could not be installed |
 //! | 101 | the guest kernel panicked |
 //! | 102 | the guest reset or shut down without reporting an exit status |
 //! | 124 | `--timeout` expired (as coreutils `timeout`) |
+//! | 159 | a thread made a system call its seccomp filter forbids (128 + SIGSYS, as a shell reports a process SIGSYS killed) |
 
 use std::sync::Mutex;
 
@@ -23,6 +24,8 @@ pub const EXIT_GUEST_PANIC: u8 = 101;
 pub const EXIT_GUEST_RESET: u8 = 102;
 /// Exit code for an expired `--timeout`.
 pub const EXIT_TIMEOUT: u8 = 124;
+/// Exit code for a system call forbidden by a seccomp filter (`--seccomp on`).
+pub const EXIT_SECCOMP: u8 = 159;
 
 /// Why a VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +40,8 @@ pub enum StopReason {
     Timeout,
     /// A vCPU failed: the message names the ioctl or exit reason.
     VcpuFailed(String),
+    /// A thread could not install its seccomp filter: the message says which and why.
+    SeccompFailed(String),
 }
 
 impl StopReason {
@@ -47,7 +52,7 @@ impl StopReason {
             StopReason::GuestPanicked => EXIT_GUEST_PANIC,
             StopReason::GuestReset => EXIT_GUEST_RESET,
             StopReason::Timeout => EXIT_TIMEOUT,
-            StopReason::VcpuFailed(_) => EXIT_KVM_FAILURE,
+            StopReason::VcpuFailed(_) | StopReason::SeccompFailed(_) => EXIT_KVM_FAILURE,
         }
     }
 }
@@ -117,5 +122,6 @@ mod tests {
         assert_eq!(StopReason::GuestPanicked.exit_code(), 101);
         assert_eq!(StopReason::GuestReset.exit_code(), 102);
         assert_eq!(StopReason::VcpuFailed("KVM_RUN".into()).exit_code(), 3);
+        assert_eq!(StopReason::SeccompFailed("x".into()).exit_code(), 3);
     }
 }

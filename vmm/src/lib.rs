@@ -5,6 +5,7 @@
 //! - `arch`: x86_64 boot structures; `vstate`: KVM VM and vCPUs; `devices`: what the guest sees
 //! - `vmm`: builds and runs a VM; `exit`: why it stopped and the exit code
 //! - `bench`: benchmarks that print a table (boot time and memory next to QEMU)
+//! - `seccomp`: system call filters per thread kind (`--seccomp`)
 
 pub mod arch;
 pub mod bench;
@@ -15,5 +16,6 @@ pub mod exit;
 pub mod host;
 pub mod metrics;
 pub mod peer;
+pub mod seccomp;
 pub mod vmm;
 pub mod vstate;

@@ -99,7 +99,9 @@ fn run_vm(cfg: &VmConfig, vmm_start: Instant) -> u8 {
                     log::error!("guest reset without reporting an exit status")
                 }
                 StopReason::Timeout => {}
-                StopReason::VcpuFailed(msg) => log::error!("{msg}"),
+                StopReason::VcpuFailed(msg) | StopReason::SeccompFailed(msg) => {
+                    log::error!("{msg}")
+                }
             }
             if let Some(path) = &cfg.metrics {
                 if let Err(e) = stopped.metrics.write(path) {

@@ -48,6 +48,7 @@ impl RunMetrics {
             StopReason::GuestReset => "guest_reset",
             StopReason::Timeout => "timeout",
             StopReason::VcpuFailed(_) => "vcpu_failed",
+            StopReason::SeccompFailed(_) => "seccomp_failed",
         }
         .to_string();
         self.exit_code = reason.exit_code();

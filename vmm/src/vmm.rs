@@ -1,7 +1,8 @@
 //! Builds the VM from a `VmConfig` and runs it until it stops.
 //!
 //! Threads: one per vCPU (KVM_RUN and device exits) and the calling thread, which runs the event
-//! loop (terminal input, the stop signal, the timeout).
+//! loop (terminal input, the stop signal, the timeout). Each installs its seccomp filter
+//! (`crate::seccomp`) once set up: vCPUs as they start, the calling thread once they run.
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Read};
@@ -21,7 +22,7 @@ use vmm_sys_util::terminal::Terminal;
 
 use aiodma_device::backend::BackendError;
 use aiodma_device::engine::QueueEngine;
-use aiodma_device::engine::{DeviceError, DeviceOptions, Engine};
+use aiodma_device::engine::{DeviceError, DeviceOptions, Engine, ThreadHook};
 use aiodma_device::metrics::Metrics;
 use aiodma_device::transport::Transport;
 
@@ -33,6 +34,7 @@ use crate::devices::serial::{ConsoleOut, SerialDevice, COM1_BASE, COM1_IRQ, COM1
 use crate::devices::{i8042, platform};
 use crate::exit::{StopReason, StopSignal};
 use crate::metrics::RunMetrics;
+use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::vstate::interrupts::{KvmIoEvents, MsiRouting};
 use crate::vstate::vcpu::{Vcpu, VcpuContext};
 use crate::vstate::vm::{resident_bytes, Vm};
@@ -65,6 +67,9 @@ pub enum VmmError {
     /// An OS resource (eventfd, thread, epoll) could not be created.
     #[error("{0}: {1}")]
     Os(&'static str, io::Error),
+    /// System call filters could not be set up (`--seccomp`).
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 impl VmmError {
@@ -343,9 +348,11 @@ struct DmaDevice {
 }
 
 /// The queue engine behind the transport, built from the device flags, and its live counters.
+/// `on_thread_start` confines the device's threads (`--seccomp`).
 fn create_engine(
     spec: &DeviceSpec,
     memory: GuestMemoryMmap,
+    on_thread_start: Option<ThreadHook>,
 ) -> Result<(Box<dyn QueueEngine>, Arc<Metrics>), VmmError> {
     let options = DeviceOptions {
         queues: spec.queues,
@@ -353,6 +360,7 @@ fn create_engine(
         backing: spec.backing.clone(),
         faults: spec.faults.clone(),
         fault_seed: spec.fault_seed,
+        on_thread_start,
         ..DeviceOptions::default()
     };
     let core = Engine::new(options, memory).map_err(|e| match e {
@@ -377,6 +385,7 @@ fn attach_pci(
     cfg: &VmConfig,
     pio: &Bus,
     mmio: &Arc<Bus>,
+    device_threads: Option<ThreadHook>,
 ) -> Result<Option<DmaDevice>, VmmError> {
     let pci_err = |e: PciBusError| VmmError::Boot(format!("PCI: {e}"));
     let mut root = PciRoot::new(mmio.clone(), Arc::new(KvmIoEvents::new(vm.shared_fd())));
@@ -387,7 +396,7 @@ fn attach_pci(
     .map_err(pci_err)?;
     let dma = match &cfg.device {
         Some(spec) => {
-            let (engine, metrics) = create_engine(spec, vm.memory().clone())?;
+            let (engine, metrics) = create_engine(spec, vm.memory().clone(), device_threads)?;
             let vectors = engine.config().num_queues.saturating_add(1);
             let msi = Arc::new(MsiRouting::new(vm.shared_fd(), vectors)?);
             let transport = Transport::new(engine, msi)
@@ -434,6 +443,8 @@ pub fn run(cfg: &VmConfig, vmm_start: Instant) -> Result<Stopped, VmmError> {
         // Before any thread starts, so they all inherit the blocked mask.
         block_sigusr1().map_err(|e| VmmError::Os("block SIGUSR1", e))?;
     }
+    // First, so that a kernel without seccomp fails the run before anything is built.
+    let filters = Filters::new(cfg.seccomp)?;
     let kvm = Kvm::new().kvm("open /dev/kvm")?;
     let mem_bytes = cfg.memory_mib << 20;
     let memory = GuestMemoryMmap::from_ranges(&arch::layout::ram_regions(mem_bytes))
@@ -495,12 +506,20 @@ pub fn run(cfg: &VmConfig, vmm_start: Instant) -> Result<Stopped, VmmError> {
     )
     .map_err(bus_err)?;
     let mmio = Arc::new(Bus::new());
-    let dma = attach_pci(&vm, cfg, &pio, &mmio)?;
+    let device_threads = filters.as_ref().map(|f| {
+        let stop = stop.clone();
+        f.device_hook(move |e| {
+            log::error!("{e}");
+            stop.stop(StopReason::SeccompFailed(e.to_string()));
+        })
+    });
+    let dma = attach_pci(&vm, cfg, &pio, &mmio, device_threads)?;
     let ctx = VcpuContext {
         pio: Arc::new(pio),
         mmio,
         stop: stop.clone(),
         guest_panicked,
+        seccomp: filters.clone(),
     };
 
     // vCPUs: configure all before starting any, so a failure leaves nothing running.
@@ -556,6 +575,10 @@ pub fn run(cfg: &VmConfig, vmm_start: Instant) -> Result<Stopped, VmmError> {
     for vcpu in vcpus {
         vcpu.spawn()
             .map_err(|e| VmmError::Os("spawn vCPU thread", e))?;
+    }
+    // Last: the threads above were spawned unfiltered, so no filter stacks on another.
+    if let Some(filters) = &filters {
+        filters.install(ThreadKind::Main)?;
     }
 
     let deadline = cfg.timeout.map(|t| Instant::now() + t);

@@ -8,6 +8,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::devices::bus::Bus;
 use crate::exit::{StopReason, StopSignal};
+use crate::seccomp::{Filters, ThreadKind};
 
 /// Everything a vCPU thread needs besides its file descriptor.
 #[derive(Debug, Clone)]
@@ -20,6 +21,8 @@ pub struct VcpuContext {
     pub stop: Arc<StopSignal>,
     /// Set by the console when the guest kernel printed a panic.
     pub guest_panicked: Arc<AtomicBool>,
+    /// The filters each vCPU thread installs before its first KVM_RUN (`None`: `--seccomp off`).
+    pub seccomp: Option<Arc<Filters>>,
 }
 
 /// A configured vCPU, ready to run on its own thread.
@@ -60,6 +63,12 @@ impl Vcpu {
     }
 
     fn run(mut self) {
+        if let Some(filters) = &self.ctx.seccomp {
+            if let Err(e) = filters.install(ThreadKind::Vcpu) {
+                self.ctx.stop.stop(StopReason::SeccompFailed(e.to_string()));
+                return;
+            }
+        }
         loop {
             let next = self.run_once();
             if let Next::Stop(reason) = next {
