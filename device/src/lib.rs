@@ -9,6 +9,8 @@ pub mod engine;
 pub mod fault;
 #[cfg(any(test, feature = "fuzz"))]
 pub mod fuzz;
+#[cfg(test)]
+mod hostile;
 pub mod metrics;
 pub mod pci;
 pub mod ratelimit;

@@ -13,6 +13,8 @@
 //!   `config_interrupts`: NEEDS_RESET notifications.
 //! - `doorbells`: doorbell notifications received (eventfd reads, so kicks that arrive while the
 //!   device is busy may coalesce).
+//! - `longest_pass`: the most descriptors read, and the most CPU time used, in one pass over one
+//!   queue (the device's work per doorbell).
 //! - `latency`: time from taking a request off the queue to placing it in the used ring, in log2
 //!   microsecond buckets.
 
@@ -42,6 +44,8 @@ pub struct Metrics {
     resets: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS],
     latency_sum_us: AtomicU64,
+    longest_pass_descriptors: AtomicU64,
+    longest_pass_ns: AtomicU64,
 }
 
 /// Fault kinds, as counted (index into the fault counters).
@@ -134,6 +138,16 @@ impl Metrics {
         add(&self.doorbells, 1);
     }
 
+    /// One pass over a queue read `descriptors` descriptor-table entries using `took` of CPU.
+    pub fn pass(&self, descriptors: u64, took: Duration) {
+        self.longest_pass_descriptors
+            .fetch_max(descriptors, Ordering::Relaxed);
+        self.longest_pass_ns.fetch_max(
+            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
     /// A request completed `latency` after it was taken from its queue.
     pub fn latency(&self, latency: Duration) {
         add(&self.latency[latency_bucket(latency)], 1);
@@ -184,6 +198,10 @@ impl Metrics {
             doorbells: get(&self.doorbells),
             needs_reset: get(&self.needs_reset),
             resets: get(&self.resets),
+            longest_pass: PassMetrics {
+                descriptors: get(&self.longest_pass_descriptors),
+                ns: get(&self.longest_pass_ns),
+            },
             latency: LatencyHistogram {
                 count: buckets.iter().map(|b| b.count).sum(),
                 sum_us: get(&self.latency_sum_us),
@@ -191,6 +209,16 @@ impl Metrics {
             },
         }
     }
+}
+
+/// The most work one pass over one queue did (a pass takes at most 32 requests before the
+/// other queues get a turn): what a guest can make the device thread do per doorbell.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PassMetrics {
+    /// Most descriptor-table entries read in one pass.
+    pub descriptors: u64,
+    /// Longest pass in nanoseconds of the device thread's CPU time.
+    pub ns: u64,
 }
 
 /// Requests and bytes of one op.
@@ -284,6 +312,8 @@ pub struct DeviceMetrics {
     pub needs_reset: u64,
     /// Resets begun.
     pub resets: u64,
+    /// The most work one pass over one queue did.
+    pub longest_pass: PassMetrics,
     /// Completion latency.
     pub latency: LatencyHistogram,
 }

@@ -373,6 +373,7 @@ fn walk<M: GuestMemoryBackend>(
     queue_size: u16,
     head: u16,
     max_len: usize,
+    reads: &mut usize,
 ) -> Result<Walked, BrokenChain> {
     if head >= queue_size {
         return Err(BrokenChain::HeadOutOfRange {
@@ -394,6 +395,7 @@ fn walk<M: GuestMemoryBackend>(
                     addr: u64::MAX,
                 })?;
         let mut raw = [0u8; 16];
+        *reads += 1;
         mem.read_slice(&mut raw, addr)
             .map_err(|_| BrokenChain::TableOutsideRam {
                 index,
@@ -494,8 +496,21 @@ pub fn parse_chain<M: GuestMemoryBackend>(
     head: u16,
     limits: &Limits,
 ) -> Result<Parsed, BrokenChain> {
+    parse_chain_counted(mem, desc_table, queue_size, head, limits, &mut 0)
+}
+
+/// [`parse_chain`], adding the number of descriptor-table entries it read to `reads` (the
+/// device's work per request, which its metrics report).
+pub fn parse_chain_counted<M: GuestMemoryBackend>(
+    mem: &M,
+    desc_table: GuestAddress,
+    queue_size: u16,
+    head: u16,
+    limits: &Limits,
+    reads: &mut usize,
+) -> Result<Parsed, BrokenChain> {
     let max_len = max_chain_len(limits, queue_size);
-    let descs = match walk(mem, desc_table, queue_size, head, max_len)? {
+    let descs = match walk(mem, desc_table, queue_size, head, max_len, reads)? {
         Walked::Complete(descs) => descs,
         Walked::Overlong => {
             // The status descriptor is somewhere past where the device stopped reading.

@@ -45,7 +45,7 @@ mod worker;
 pub use contract::{ActivateError, InterruptSink, QueueConfig, QueueEngine};
 
 #[cfg(test)]
-mod testdrv;
+pub(crate) mod testdrv;
 #[cfg(test)]
 mod tests;
 

@@ -10,7 +10,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 
 use crate::abi;
 use crate::engine::QueueConfig;
-use crate::request::{parse_chain, BrokenChain, Limits, Parsed};
+use crate::request::{parse_chain_counted, BrokenChain, Limits, Parsed};
 
 /// Why a queue cannot be trusted any more (SPEC 6.3).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -111,6 +111,8 @@ pub struct VQueue {
     inflight: Vec<bool>,
     done: Vec<Done>,
     draining: bool,
+    /// Descriptor-table entries read so far (the device's work, for the metrics).
+    descriptors_read: u64,
 }
 
 impl VQueue {
@@ -145,6 +147,7 @@ impl VQueue {
             inflight: vec![false; usize::from(cfg.size)],
             done: Vec::new(),
             draining: false,
+            descriptors_read: 0,
         })
     }
 
@@ -204,7 +207,11 @@ impl VQueue {
                     Some(false) => {}
                 }
                 let desc_table = GuestAddress(self.queue.desc_table());
-                let parsed = parse_chain(mem, desc_table, self.size, head, limits)?;
+                let mut reads = 0;
+                let parsed =
+                    parse_chain_counted(mem, desc_table, self.size, head, limits, &mut reads);
+                self.descriptors_read += reads as u64;
+                let parsed = parsed?;
                 if let Some(f) = self.inflight.get_mut(usize::from(head)) {
                     *f = true;
                 }
@@ -218,6 +225,11 @@ impl VQueue {
                 return Ok(None);
             }
         }
+    }
+
+    /// Descriptor-table entries this queue has read so far.
+    pub fn descriptors_read(&self) -> u64 {
+        self.descriptors_read
     }
 
     /// Queues a finished request for [`VQueue::publish`].

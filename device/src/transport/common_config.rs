@@ -237,6 +237,7 @@ impl Transport {
             queue_vectors: self.queues.iter().map(|q| q.vector).collect(),
             config_vector: self.config_vector.clone(),
             live: AtomicBool::new(true),
+            bus_master: self.bus_master.clone(),
         });
         match self
             .engine
@@ -255,7 +256,8 @@ impl Transport {
                 sink.live.store(false, Ordering::Release);
                 self.activation_failed = true;
                 let vector = self.config_vector.load(Ordering::Acquire);
-                if vector != NO_VECTOR {
+                // An MSI is a memory write: none while bus mastering is off (SPEC 1).
+                if vector != NO_VECTOR && self.bus_master.load(Ordering::Acquire) {
                     lock(&self.msix).signal(vector);
                 }
             }

@@ -15,6 +15,8 @@ pub(super) struct Interrupts {
     pub(super) queue_vectors: Vec<u16>,
     pub(super) config_vector: Arc<AtomicU16>,
     pub(super) live: AtomicBool,
+    /// Bus Master Enable: an MSI is a memory write, so none is sent while it is clear.
+    pub(super) bus_master: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Interrupts {
@@ -33,7 +35,7 @@ impl Interrupts {
         }
         let mut msix = lock(&self.msix);
         // Checked under the MSI-X lock, which the reset also takes to kill the sink.
-        if self.live.load(Ordering::Acquire) {
+        if self.live.load(Ordering::Acquire) && self.bus_master.load(Ordering::Acquire) {
             msix.signal(vector);
         }
     }

@@ -12,7 +12,7 @@
 //! is always taken after the transport's, so there is no lock cycle. The engine is called with
 //! the transport's lock held and must not call back into the transport (the sink is fine).
 
-use std::sync::atomic::AtomicU16;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -118,6 +118,8 @@ pub struct Transport {
     interrupts: Option<Arc<Interrupts>>,
     /// Warnings the guest can provoke in a loop (bad negotiation, failed activation).
     guest_warnings: RateLimit,
+    /// The command register's Bus Master Enable, shared with the interrupt sink.
+    bus_master: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -181,7 +183,8 @@ impl Transport {
         // The command register starts with Bus Master Enable clear: no DMA until the driver
         // sets it (Linux: pci_set_master in probe).
         let mut engine = engine;
-        engine.set_bus_master(config.command() & command::BUS_MASTER != 0);
+        let bus_master = config.command() & command::BUS_MASTER != 0;
+        engine.set_bus_master(bus_master);
         Ok(Self {
             engine,
             config,
@@ -203,6 +206,7 @@ impl Transport {
             queues: vec![QueueRegs::initial(max); usize::from(num_queues)],
             interrupts: None,
             guest_warnings: RateLimit::new(GUEST_WARNING_BURST, GUEST_WARNING_PERIOD),
+            bus_master: Arc::new(AtomicBool::new(bus_master)),
         })
     }
 
@@ -303,7 +307,16 @@ impl PciFunction for Transport {
         let now = self.config.command() & command::BUS_MASTER != 0;
         if now != bus_master {
             log::debug!("bus mastering {}", if now { "enabled" } else { "disabled" });
-            self.engine.set_bus_master(now);
+            // Setting: the sink first, so the completions the engine was holding can signal.
+            // Clearing: the engine first (it returns once no used-ring write is in progress),
+            // then the sink, which drops any interrupt still on its way.
+            if now {
+                self.bus_master.store(true, Ordering::Release);
+                self.engine.set_bus_master(true);
+            } else {
+                self.engine.set_bus_master(false);
+                self.bus_master.store(false, Ordering::Release);
+            }
         }
         let control = self.msix_cap + msix::CAP_CONTROL;
         let end = offset.saturating_add(data.len() as u64);

@@ -110,6 +110,11 @@ fn rig(queues: u16) -> Rig {
         .set_bar_address(0, 0xc000_0000)
         .unwrap();
     t.config_space_mut().set_command(command::MEMORY);
+    // The driver enables bus mastering (pci_set_master) through a config write.
+    t.config_write(
+        reg::COMMAND,
+        &(command::MEMORY | command::BUS_MASTER).to_le_bytes(),
+    );
     Rig {
         t,
         state,
@@ -607,4 +612,43 @@ fn arbitrary_accesses_never_panic() {
             rig.t.config_write(cfg_off, &buf);
         }
     }
+}
+
+#[test]
+fn bus_master_enable_reaches_the_engine_and_gates_interrupts() {
+    let mut rig = rig(1);
+    assert_eq!(rig.state.lock().unwrap().bus_master, vec![false, true]);
+    assert_eq!(
+        rig.negotiate(ALL_FEATURES) & status::FEATURES_OK,
+        status::FEATURES_OK
+    );
+    rig.setup_queue(0, 0);
+    rig.enable_msix(false);
+    rig.program_vector(0, false);
+    rig.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+    let sink = rig.state.lock().unwrap().sink.clone().unwrap();
+    sink.signal_queue(0);
+    assert_eq!(rig.ctl.take_fired(), vec![0]);
+    // Cleared: the engine is told, and no MSI (a memory write) leaves the function.
+    rig.t
+        .config_write(reg::COMMAND, &command::MEMORY.to_le_bytes());
+    assert_eq!(
+        rig.state.lock().unwrap().bus_master,
+        vec![false, true, false]
+    );
+    sink.signal_queue(0);
+    assert_eq!(rig.ctl.take_fired(), Vec::<u16>::new());
+    // Writes that leave the bit alone are not reported again.
+    rig.t
+        .config_write(reg::COMMAND, &command::MEMORY.to_le_bytes());
+    rig.t.config_write(
+        reg::COMMAND,
+        &(command::MEMORY | command::BUS_MASTER).to_le_bytes(),
+    );
+    assert_eq!(
+        rig.state.lock().unwrap().bus_master,
+        vec![false, true, false, true]
+    );
+    sink.signal_queue(0);
+    assert_eq!(rig.ctl.take_fired(), vec![0]);
 }
