@@ -1,7 +1,11 @@
 //! What a run measured, written as JSON by `aiodma run --metrics PATH` when the VM stops.
 
-use std::io;
-use std::path::Path;
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use aiodma_device::metrics::DeviceMetrics;
 use serde::Serialize;
@@ -58,13 +62,65 @@ impl RunMetrics {
         };
     }
 
-    /// Write as pretty JSON, atomically (a temporary file renamed into place).
+    /// Write as pretty JSON, atomically: a new temporary file in the same directory, renamed
+    /// over `path` (which replaces a symlink at `path` rather than writing through it).
     pub fn write(&self, path: &Path) -> io::Result<()> {
         let json = serde_json::to_string_pretty(self).map_err(io::Error::other)?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, json + "\n")?;
-        std::fs::rename(&tmp, path)
+        let (tmp, mut file) = create_temp(path)?;
+        let result = file
+            .write_all(json.as_bytes())
+            .and_then(|()| file.write_all(b"\n"))
+            // Durable before it replaces the old file, so a crash leaves one or the other.
+            .and_then(|()| file.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
     }
+}
+
+/// Creates a file next to `path` under a name not in use. A fixed name (`path.tmp`) could be a
+/// symlink someone planted to make the VMM overwrite another file: `O_CREAT|O_EXCL|O_NOFOLLOW`
+/// never opens an existing file and never follows a link, and a taken name just moves on to
+/// the next one.
+fn create_temp(path: &Path) -> io::Result<(PathBuf, File)> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("metrics path '{}' has no file name", path.display()),
+        )
+    })?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    for _ in 0..64 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let mut tmp_name = OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".{}.{n}.{nanos:x}.tmp", std::process::id()));
+        let tmp = dir.join(tmp_name);
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+        {
+            Ok(file) => return Ok((tmp, file)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("no free temporary name next to '{}'", path.display()),
+    ))
 }
 
 #[cfg(test)]
@@ -99,6 +155,48 @@ mod tests {
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(v["device"]["doorbells"], 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn symlinks_at_the_temporary_or_the_target_name_are_not_followed() {
+        use std::os::unix::fs::symlink;
+        let dir = std::env::temp_dir().join(format!("aiodma-metrics-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        // The name the old code wrote to, and the target itself, both link to the victim.
+        symlink(&victim, dir.join("m.tmp")).unwrap();
+        let path = dir.join("m.json");
+        symlink(&victim, &path).unwrap();
+        let m = RunMetrics {
+            vcpus: 1,
+            ..Default::default()
+        };
+        m.write(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(std::fs::symlink_metadata(dir.join("m.tmp"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(
+            meta.file_type().is_file(),
+            "the link was replaced, not followed"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(v["vcpus"], 1);
+        // No temporary file left behind.
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["m.json", "m.tmp", "victim"]);
+        // A path without a file name has no place for a temporary file.
+        assert!(create_temp(Path::new("/")).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
