@@ -7,7 +7,7 @@
 //!   `requests[op].bytes`: data bytes of requests that completed `OK`.
 //! - `status`: every completion placed in a used ring, by status (a rejected request with an
 //!   unusable status descriptor counts as malformed too).
-//! - `faults`: injections by kind.
+//! - `faults`: injections by kind (every `--fault` kind; `chaos` counts as the kind it picked).
 //! - `inflight_high_water`: most requests taken from the queues and not yet completed at once.
 //! - `interrupts`: queue interrupts signalled (after EVENT_IDX/NO_INTERRUPT suppression);
 //!   `config_interrupts`: NEEDS_RESET notifications.
@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::fault::Decision;
 use crate::request::Op;
 
 /// Number of latency buckets: `[0,1)`, `[1,2)`, `[2,4)`, ... µs, the last one open-ended
@@ -35,7 +36,7 @@ pub struct Metrics {
     requests: [AtomicU64; 4],
     bytes: [AtomicU64; 4],
     status: [AtomicU64; 4],
-    faults: [AtomicU64; 4],
+    faults: [AtomicU64; FAULT_KINDS],
     inflight_high_water: AtomicU64,
     interrupts: AtomicU64,
     config_interrupts: AtomicU64,
@@ -48,17 +49,27 @@ pub struct Metrics {
     longest_pass_ns: AtomicU64,
 }
 
-/// Fault kinds, as counted (index into the fault counters).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FaultCounter {
-    /// `error`.
-    Error = 0,
-    /// `delay`.
-    Delay = 1,
-    /// `drop`.
-    Drop = 2,
-    /// `hang`.
-    Hang = 3,
+/// Fault kinds counted (every [`Decision`] but `Pass`).
+const FAULT_KINDS: usize = 13;
+
+/// The counter of a fired fault.
+fn fault_index(d: &Decision) -> Option<usize> {
+    Some(match d {
+        Decision::Pass => return None,
+        Decision::Error => 0,
+        Decision::Delay(_) => 1,
+        Decision::Drop => 2,
+        Decision::Hang => 3,
+        Decision::Status(_) => 4,
+        Decision::Short(_) => 5,
+        Decision::Corrupt { .. } => 6,
+        Decision::Reset => 7,
+        Decision::UsedId => 8,
+        Decision::UsedDup => 9,
+        Decision::UsedLen => 10,
+        Decision::IrqLost => 11,
+        Decision::IrqSpurious => 12,
+    })
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -103,9 +114,11 @@ impl Metrics {
         }
     }
 
-    /// A fault was injected.
-    pub fn fault(&self, kind: FaultCounter) {
-        add(&self.faults[kind as usize], 1);
+    /// A fault was injected (`Decision::Pass` counts nothing).
+    pub fn fault(&self, decision: &Decision) {
+        if let Some(c) = fault_index(decision).and_then(|i| self.faults.get(i)) {
+            add(c, 1);
+        }
     }
 
     /// `n` requests are in flight now.
@@ -186,11 +199,23 @@ impl Metrics {
                 unsupp: get(&self.status[2]),
                 malformed: get(&self.status[3]),
             },
-            faults: FaultCounts {
-                error: get(&self.faults[FaultCounter::Error as usize]),
-                delay: get(&self.faults[FaultCounter::Delay as usize]),
-                drop: get(&self.faults[FaultCounter::Drop as usize]),
-                hang: get(&self.faults[FaultCounter::Hang as usize]),
+            faults: {
+                let f = |i: usize| get(&self.faults[i]);
+                FaultCounts {
+                    error: f(0),
+                    delay: f(1),
+                    drop: f(2),
+                    hang: f(3),
+                    status: f(4),
+                    short: f(5),
+                    corrupt: f(6),
+                    reset: f(7),
+                    used_id: f(8),
+                    used_dup: f(9),
+                    used_len: f(10),
+                    irq_lost: f(11),
+                    irq_spurious: f(12),
+                }
             },
             inflight_high_water: get(&self.inflight_high_water),
             interrupts: get(&self.interrupts),
@@ -267,6 +292,24 @@ pub struct FaultCounts {
     pub drop: u64,
     /// `hang`.
     pub hang: u64,
+    /// `status`.
+    pub status: u64,
+    /// `short`.
+    pub short: u64,
+    /// `corrupt`.
+    pub corrupt: u64,
+    /// `reset`.
+    pub reset: u64,
+    /// `used-id`.
+    pub used_id: u64,
+    /// `used-dup`.
+    pub used_dup: u64,
+    /// `used-len`.
+    pub used_len: u64,
+    /// `irq-lost`.
+    pub irq_lost: u64,
+    /// `irq-spurious`.
+    pub irq_spurious: u64,
 }
 
 /// One latency bucket: completions faster than `lt_us` microseconds (and not faster than the
@@ -347,7 +390,7 @@ mod tests {
         m.status(crate::abi::req_status::OK);
         m.status(crate::abi::req_status::MALFORMED);
         m.status(200);
-        m.fault(FaultCounter::Delay);
+        m.fault(&Decision::Delay(Duration::from_micros(5)));
         m.inflight(3);
         m.inflight(2);
         m.interrupt();

@@ -20,6 +20,7 @@
 //! backend's count of operations that may still touch guest memory is zero.
 
 use std::io;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -31,6 +32,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::abi;
 use crate::backend::{BackendError, DmaGate};
+use crate::fault::Scheduled;
 use crate::metrics::Metrics;
 
 pub use crate::backend::Backing;
@@ -73,6 +75,10 @@ pub struct DeviceOptions {
     pub faults: Vec<FaultRule>,
     /// Seed of the fault PRNG.
     pub fault_seed: u64,
+    /// Write one JSON line per fired fault here (`--fault-log`).
+    pub fault_log: Option<PathBuf>,
+    /// Fire exactly these faults, read from a fault log (`--fault-replay`), instead of `faults`.
+    pub fault_replay: Option<Vec<Scheduled>>,
     /// Worker threads of the memory backing (and of the file backing when io_uring is
     /// unavailable); at least 1. The io_uring file backing uses the kernel's workers instead.
     pub workers: usize,
@@ -139,6 +145,8 @@ impl Default for DeviceOptions {
             backing: Backing::default(),
             faults: Vec::new(),
             fault_seed: 0,
+            fault_log: None,
+            fault_replay: None,
             workers: DEFAULT_WORKERS,
             on_thread_start: None,
         }

@@ -36,6 +36,9 @@ pub enum BrokenQueue {
     /// A ring access failed (rings outside guest RAM).
     #[error("ring access failed: {0}")]
     Ring(String),
+    /// A `reset` fault: the device asks for a reset on its own.
+    #[error("a reset fault fired")]
+    Injected,
 }
 
 fn ring_err(e: virtio_queue::Error) -> BrokenQueue {
@@ -62,6 +65,37 @@ pub struct Done {
     pub len: u32,
     /// Where to write which status byte (`None`: unusable status descriptor).
     pub status: Option<(GuestAddress, u8)>,
+    /// How a fault makes the device lie about this completion.
+    pub lie: UsedLie,
+}
+
+/// A fault that makes the device misreport a completion in the used ring or its interrupt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UsedLie {
+    /// The truth.
+    #[default]
+    None,
+    /// Publish a head that is not in flight instead of this one (which stays in flight).
+    ForeignId,
+    /// Publish the element twice.
+    Duplicate,
+    /// Publish a `len` larger than the request's buffers.
+    Overlong,
+    /// Raise no interrupt for the batch this completion is published in.
+    LostIrq,
+    /// Raise the queue's interrupt once more after the batch.
+    SpuriousIrq,
+}
+
+/// What one [`VQueue::publish`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Published {
+    /// Requests taken out of flight (a foreign-id lie leaves its request in flight).
+    pub completed: usize,
+    /// Whether the queue's interrupt is due (suppression and a lost-interrupt lie applied).
+    pub notify: bool,
+    /// Whether a spurious-interrupt lie asks for one more interrupt.
+    pub spurious: bool,
 }
 
 /// Checks a queue configuration against the device maximum and guest memory.
@@ -260,24 +294,49 @@ impl VQueue {
     /// Writes the status bytes and used elements of every finished request, in completion
     /// order. Returns how many were published and whether the driver wants an interrupt for
     /// them (EVENT_IDX `used_event`, or without it the available ring's `NO_INTERRUPT` flag).
-    pub fn publish(&mut self, mem: &GuestMemoryMmap) -> Result<(usize, bool), BrokenQueue> {
+    pub fn publish(&mut self, mem: &GuestMemoryMmap) -> Result<Published, BrokenQueue> {
         if self.done.is_empty() {
-            return Ok((0, false));
+            return Ok(Published::default());
         }
-        let n = self.done.len();
-        for d in self.done.drain(..) {
+        let mut out = Published::default();
+        let mut lost_irq = false;
+        let done = std::mem::take(&mut self.done);
+        for d in &done {
             if let Some((addr, status)) = d.status {
                 // The address was checked to be in guest RAM when the request was parsed.
                 if let Err(e) = mem.write_obj(status, addr) {
                     log::warn!("status byte at {:#x}: {e}", addr.0);
                 }
             }
-            // Writes the element, then the used index with release ordering.
-            self.queue.add_used(mem, d.head, d.len).map_err(ring_err)?;
-            if let Some(f) = self.inflight.get_mut(usize::from(d.head)) {
-                *f = false;
+            let mut head = d.head;
+            let mut len = d.len;
+            let mut copies = 1;
+            match d.lie {
+                UsedLie::None => {}
+                UsedLie::ForeignId => match self.free_head_after(d.head) {
+                    Some(other) => head = other,
+                    // Every other head is in flight: naming one would complete another
+                    // request, which no driver can tell from the truth. Tell the truth.
+                    None => log::debug!("used-id: no head free besides {}", d.head),
+                },
+                UsedLie::Duplicate => copies = 2,
+                UsedLie::Overlong => len = len.saturating_add(4096),
+                UsedLie::LostIrq => lost_irq = true,
+                UsedLie::SpuriousIrq => out.spurious = true,
+            }
+            for _ in 0..copies {
+                // Writes the element, then the used index with release ordering.
+                self.queue.add_used(mem, head, len).map_err(ring_err)?;
+            }
+            if head == d.head {
+                if let Some(f) = self.inflight.get_mut(usize::from(d.head)) {
+                    *f = false;
+                }
+                out.completed += 1;
             }
         }
+        self.done = done;
+        self.done.clear();
         let mut notify = self.queue.needs_notification(mem).map_err(ring_err)?;
         if notify && !self.queue.event_idx_enabled() {
             // virtio-queue does not look at VRING_AVAIL_F_NO_INTERRUPT; SPEC 5 asks for it.
@@ -287,6 +346,14 @@ impl VQueue {
                 .map_err(|e| BrokenQueue::Ring(e.to_string()))?;
             notify = flags & abi::ring::AVAIL_F_NO_INTERRUPT == 0;
         }
-        Ok((n, notify))
+        out.notify = notify && !lost_irq;
+        Ok(out)
+    }
+
+    /// A head after `head` (wrapping) that is not in flight.
+    fn free_head_after(&self, head: u16) -> Option<u16> {
+        (1..self.size)
+            .map(|i| head.wrapping_add(i) % self.size)
+            .find(|h| !self.inflight.get(usize::from(*h)).copied().unwrap_or(true))
     }
 }

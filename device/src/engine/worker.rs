@@ -11,18 +11,18 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use log::{debug, error, info, warn};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::queue::{BrokenQueue, Done, QueueProblem, VQueue};
+use super::queue::{BrokenQueue, Done, QueueProblem, UsedLie, VQueue};
 use super::{Command, DeviceError, DeviceOptions, Shared};
 use crate::abi;
 use crate::backend::{self, Backend, Completion, Job, JobOp};
 use crate::engine::{InterruptSink, QueueConfig};
-use crate::fault::{Decision, FaultInjector};
-use crate::metrics::FaultCounter;
-use crate::request::{Limits, Op, Parsed, Request, ID_LEN};
+use crate::fault::log::FaultLog;
+use crate::fault::{corrupt_positions, Decision, FaultInjector, RequestFacts};
+use crate::request::{Limits, Op, Parsed, Request, Segment, ID_LEN};
 
 /// Event data of the control eventfd (doorbells use their queue index).
 const CONTROL: u32 = 0x1_0000;
@@ -100,6 +100,19 @@ pub(crate) fn run(setup: Setup) {
         capacity: backend.capacity(),
         name: backend.name(),
     };
+    let fault_log = match &options.fault_log {
+        Some(path) => match FaultLog::create(path) {
+            Ok(log) => Some(log),
+            Err(e) => {
+                let _ = ready.send(Err(DeviceError::Start(format!(
+                    "fault log '{}': {e}",
+                    path.display()
+                ))));
+                return;
+            }
+        },
+        None => None,
+    };
     let mut id = [0u8; ID_LEN as usize];
     for (d, s) in id.iter_mut().zip(options.backing.id_string().bytes()) {
         *d = s;
@@ -120,7 +133,11 @@ pub(crate) fn run(setup: Setup) {
         backend,
         timer,
         timer_deadline: None,
-        faults: FaultInjector::new(options.faults.clone(), options.fault_seed),
+        faults: match &options.fault_replay {
+            Some(schedule) => FaultInjector::replay(schedule),
+            None => FaultInjector::new(options.faults.clone(), options.fault_seed),
+        },
+        fault_log,
         limits,
         queue_size_max: options.queue_size_max,
         id,
@@ -133,6 +150,7 @@ pub(crate) fn run(setup: Setup) {
         runnable: VecDeque::new(),
         scheduled: vec![false; usize::from(options.queues)],
         pending: HashMap::new(),
+        corrupting: HashMap::new(),
         delayed: BinaryHeap::new(),
         next_token: 1,
         inflight: 0,
@@ -219,6 +237,42 @@ struct InFlight {
     status: u8,
     /// Data bytes written to the guest (READ, GET_ID).
     written: u32,
+    /// How a fault makes the device misreport the completion.
+    lie: UsedLie,
+}
+
+/// Bits a `corrupt` fault flips in a READ's buffers once the backend has filled them
+/// (positions count from the start of the data).
+#[derive(Debug)]
+struct Corruption {
+    segments: Vec<Segment>,
+    flips: Vec<u64>,
+}
+
+/// `req` with its data cut to the first `len` bytes.
+fn truncated(mut req: Request, len: u32) -> Request {
+    let mut left = len;
+    req.segments.retain_mut(|seg| {
+        if left == 0 {
+            return false;
+        }
+        seg.len = seg.len.min(left);
+        left -= seg.len;
+        true
+    });
+    req.length = len;
+    req
+}
+
+/// The guest address of data byte `index` of a request with `segments`.
+fn data_address(segments: &[Segment], mut index: u64) -> Option<GuestAddress> {
+    for seg in segments {
+        if index < u64::from(seg.len) {
+            return seg.addr.checked_add(index);
+        }
+        index -= u64::from(seg.len);
+    }
+    None
 }
 
 impl InFlight {
@@ -280,6 +334,8 @@ struct DeviceLoop {
     timer: TimerFd,
     timer_deadline: Option<Instant>,
     faults: FaultInjector,
+    /// `--fault-log`.
+    fault_log: Option<FaultLog>,
     limits: Limits,
     queue_size_max: u16,
     id: [u8; ID_LEN as usize],
@@ -297,6 +353,8 @@ struct DeviceLoop {
     /// Whether a queue is in `runnable`.
     scheduled: Vec<bool>,
     pending: HashMap<u64, InFlight>,
+    /// Corruptions to apply when the request with this token completes.
+    corrupting: HashMap<u64, Corruption>,
     delayed: BinaryHeap<Reverse<Delayed>>,
     next_token: u64,
     /// Requests taken from the queues and not yet published.
@@ -427,6 +485,7 @@ impl DeviceLoop {
         self.runnable.clear();
         self.scheduled.fill(false);
         self.pending.clear();
+        self.corrupting.clear();
         self.delayed.clear();
         self.timer_deadline = None;
         let _ = self.timer.clear();
@@ -554,6 +613,7 @@ impl DeviceLoop {
                     not_before: None,
                     status: r.reason.status(),
                     written: 0,
+                    lie: UsedLie::None,
                 };
                 self.deliver(rejected);
                 return;
@@ -571,15 +631,32 @@ impl DeviceLoop {
             not_before: None,
             status: abi::req_status::IOERR,
             written: 0,
+            lie: UsedLie::None,
         };
-        match self.faults.decide(req.op) {
+        let facts = RequestFacts {
+            queue: qi,
+            head: req.head,
+            op: req.op,
+            offset: req.offset,
+            length: req.length,
+        };
+        let decision = self.faults.decide(&facts);
+        if let Some(log) = &mut self.fault_log {
+            log.record(self.faults.seq(), &facts, &decision);
+        }
+        if decision != Decision::Pass {
+            self.shared.metrics.fault(&decision);
+            debug!(
+                "fault: {decision:?} for request {} (queue {qi} head {}, seq {})",
+                req.id,
+                req.head,
+                self.faults.seq()
+            );
+        }
+        let lying = |lie| InFlight { lie, ..record };
+        match decision {
             Decision::Pass => self.start(record, req),
             Decision::Delay(d) => {
-                self.shared.metrics.fault(FaultCounter::Delay);
-                debug!(
-                    "fault: delay {d:?} for request {} (queue {qi} head {})",
-                    req.id, req.head
-                );
                 // An absurd delay (centuries) that overflows the clock never completes.
                 match now.checked_add(d) {
                     Some(t) => self.start(
@@ -592,29 +669,44 @@ impl DeviceLoop {
                     None => info!("fault: delay {d:?} is beyond the clock; request held"),
                 }
             }
-            Decision::Error => {
-                self.shared.metrics.fault(FaultCounter::Error);
-                debug!(
-                    "fault: error for request {} (queue {qi} head {})",
-                    req.id, req.head
-                );
-                self.deliver(record.finished(abi::req_status::IOERR, 0));
-            }
-            Decision::Drop => {
-                self.shared.metrics.fault(FaultCounter::Drop);
-                debug!(
-                    "fault: dropping request {} (queue {qi} head {})",
-                    req.id, req.head
-                );
-            }
+            Decision::Error => self.deliver(record.finished(abi::req_status::IOERR, 0)),
+            Decision::Status(code) => self.deliver(record.finished(code, 0)),
+            Decision::Drop => {}
             Decision::Hang => {
-                self.shared.metrics.fault(FaultCounter::Hang);
                 warn!(
                     "fault: hang at request {} (queue {qi} head {}): every queue stops until reset",
                     req.id, req.head
                 );
                 self.hung = true;
             }
+            Decision::Reset => {
+                // The request is dropped with everything else in flight by the reset the
+                // driver has to do.
+                self.needs_reset(qi, &BrokenQueue::Injected);
+            }
+            Decision::Short(len) => {
+                let req = truncated(req, len);
+                self.start(
+                    InFlight {
+                        length: len,
+                        ..record
+                    },
+                    req,
+                );
+            }
+            Decision::Corrupt { bits, seed } => {
+                let corruption = Corruption {
+                    segments: req.segments.clone(),
+                    flips: corrupt_positions(seed, bits, u64::from(req.length)),
+                };
+                self.corrupting.insert(self.next_token, corruption);
+                self.start(record, req);
+            }
+            Decision::UsedId => self.start(lying(UsedLie::ForeignId), req),
+            Decision::UsedDup => self.start(lying(UsedLie::Duplicate), req),
+            Decision::UsedLen => self.start(lying(UsedLie::Overlong), req),
+            Decision::IrqLost => self.start(lying(UsedLie::LostIrq), req),
+            Decision::IrqSpurious => self.start(lying(UsedLie::SpuriousIrq), req),
         }
     }
 
@@ -666,12 +758,16 @@ impl DeviceLoop {
         let mut done = std::mem::take(&mut self.reaped);
         self.backend.reap(&mut done);
         for c in done.drain(..) {
+            let corruption = self.corrupting.remove(&c.token);
             let Some(p) = self.pending.remove(&c.token) else {
                 // A request from before a reset (or NEEDS_RESET): discarded.
                 continue;
             };
             let finished = match c.result {
                 Ok(()) => {
+                    if let Some(corruption) = corruption {
+                        self.corrupt(corruption);
+                    }
                     let written = if p.op == Some(Op::Read) { p.length } else { 0 };
                     p.finished(abi::req_status::OK, written)
                 }
@@ -696,6 +792,22 @@ impl DeviceLoop {
             self.finish(finished);
         }
         self.reaped = done;
+    }
+
+    /// Flips the bits a `corrupt` fault chose, after the backend moved the data.
+    fn corrupt(&mut self, corruption: Corruption) {
+        for bit in corruption.flips {
+            let Some(addr) = data_address(&corruption.segments, bit / 8) else {
+                continue;
+            };
+            let flipped = self
+                .mem
+                .read_obj::<u8>(addr)
+                .and_then(|b| self.mem.write_obj(b ^ (1 << (bit % 8)), addr));
+            if let Err(e) = flipped {
+                warn!("fault: corrupt: guest byte at {:#x}: {e}", addr.0);
+            }
+        }
     }
 
     /// Completes now, or holds the completion until its `not_before`.
@@ -756,6 +868,7 @@ impl DeviceLoop {
             head: req.head,
             len,
             status: req.status_addr.map(|a| (a, req.status)),
+            lie: req.lie,
         });
         let m = &self.shared.metrics;
         m.status(req.status);
@@ -790,9 +903,12 @@ impl DeviceLoop {
                     continue;
                 }
                 match q.publish(&self.mem) {
-                    Ok((n, wants)) => {
-                        self.inflight = self.inflight.saturating_sub(n as u64);
-                        if wants {
+                    Ok(p) => {
+                        self.inflight = self.inflight.saturating_sub(p.completed as u64);
+                        if p.notify {
+                            notify.push(qi as u16);
+                        }
+                        if p.spurious {
                             notify.push(qi as u16);
                         }
                     }

@@ -128,7 +128,7 @@ fn hostile_bus_master_cleared_with_requests_posted_moves_nothing() {
 
 #[test]
 fn hostile_bus_master_cleared_with_completions_pending_holds_them() {
-    let mut dev = device(1, 64, &["delay:every=1,min=30ms,max=30ms"]);
+    let mut dev = device(1, 64, &["delay:every=1,min=1s,max=1s"]);
     let p = dev.drv.post_read(0, 1, 0, &[4096]);
     dev.kick(0);
     eventually("the request is taken", || {
@@ -149,7 +149,10 @@ fn hostile_bus_master_cleared_with_completions_pending_holds_them() {
     assert_eq!(dev.msi.take_fired(), Vec::<u16>::new());
     dev.set_command(command::MEMORY | command::BUS_MASTER);
     dev.drv.wait_used(0, 1);
-    assert_eq!(dev.drv.status(&p), req_status::OK);
+    // OK if the backend had started the copy before the bit was cleared; IOERR if the job was
+    // still queued then (refused: SPEC 1).
+    let s = dev.drv.status(&p);
+    assert!(s == req_status::OK || s == req_status::IOERR, "status {s}");
 }
 
 #[test]
