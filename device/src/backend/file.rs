@@ -33,7 +33,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::pool::{Pool, Store};
 use super::range::{LockId, RangeLock};
-use super::{Backend, BackendError, Completion, DmaGate, Job, JobOp, ALIGNMENT, JOB_CANCELED};
+use super::{
+    Backend, BackendError, Completion, DmaGate, GateTicket, Job, JobOp, ALIGNMENT, JOB_CANCELED,
+};
 use crate::request::Segment;
 
 /// Submission queue entries of the ring (more jobs wait in a backlog).
@@ -136,6 +138,9 @@ pub fn open(
     }
 }
 
+/// A job and what it was submitted under.
+type Queued = (Job, GateTicket);
+
 fn canceled() -> io::Error {
     io::Error::from_raw_os_error(JOB_CANCELED)
 }
@@ -143,6 +148,7 @@ fn canceled() -> io::Error {
 /// One READV/WRITEV/FSYNC in the ring.
 struct UringOp {
     job: Job,
+    ticket: GateTicket,
     /// The job's range in the [`RangeLock`], released at completion.
     lock: Option<LockId>,
     /// Host addresses inside guest memory; must stay alive (and unmoved on the heap) until the
@@ -162,18 +168,18 @@ pub struct Uring {
     /// Keeps guest memory mapped while the kernel may still access it.
     mem: GuestMemoryMmap,
     gate: Arc<DmaGate>,
-    /// The gate's (epoch, bus master) when the queued jobs were last checked against it.
-    gate_seen: (u64, bool),
+    /// The gate's state when the queued jobs were last checked against it.
+    gate_seen: (u64, bool, u64),
     /// Jobs waiting for an earlier conflicting one (write atomicity).
-    order: RangeLock<Job>,
+    order: RangeLock<Queued>,
     /// Operations with an entry in the ring, by id (the entry's `user_data`).
     ops: HashMap<u64, UringOp>,
     next_op: u64,
     /// Jobs free to start, waiting for room in the ring (not started: the gate is asked when
     /// they leave).
-    ready: VecDeque<(Option<LockId>, Job)>,
+    ready: VecDeque<(Option<LockId>, Queued)>,
     /// Scratch space for the jobs a release lets go.
-    released: Vec<(LockId, Job)>,
+    released: Vec<(LockId, Queued)>,
     /// Completions of jobs that never reached the ring.
     failed: Vec<Completion>,
     inflight: Arc<AtomicU64>,
@@ -228,7 +234,7 @@ impl Uring {
         // At most this many operations are in the ring at once, so the completion queue (twice
         // as large) never overflows.
         let depth = ring.params().sq_entries() as usize;
-        let gate_seen = (gate.epoch(), gate.bus_master());
+        let gate_seen = gate.state();
         Ok(Uring {
             ring,
             file,
@@ -276,8 +282,11 @@ impl Uring {
             return;
         };
         self.order.release(id, &mut self.released);
-        self.ready
-            .extend(self.released.drain(..).map(|(id, job)| (Some(id), job)));
+        self.ready.extend(
+            self.released
+                .drain(..)
+                .map(|(id, queued)| (Some(id), queued)),
+        );
     }
 
     /// Completes a job that never got an entry: it did not and will not touch guest memory.
@@ -292,9 +301,9 @@ impl Uring {
     fn refuse_queued(&mut self) {
         let mut queue = std::mem::take(&mut self.ready);
         let mut kept = VecDeque::with_capacity(queue.len());
-        while let Some((lock, job)) = queue.pop_front() {
-            if !self.closing && self.gate.allows(job.epoch) {
-                kept.push_back((lock, job));
+        while let Some((lock, (job, ticket))) = queue.pop_front() {
+            if !self.closing && self.gate.admits(ticket) {
+                kept.push_back((lock, (job, ticket)));
                 continue;
             }
             self.finish_unstarted(lock, job.token, Err(canceled()));
@@ -307,24 +316,26 @@ impl Uring {
     /// call, first refuses every queued job it no longer allows, so that they stop counting as
     /// in flight without waiting for room in the ring.
     fn pump(&mut self) {
-        let gate = (self.gate.epoch(), self.gate.bus_master());
+        let gate = self.gate.state();
         if gate != self.gate_seen {
             self.gate_seen = gate;
             self.refuse_queued();
         }
-        while self.ops.len() < self.depth {
-            let Some((lock, job)) = self.ready.pop_front() else {
+        // The submission queue only fills up if something else is in it (a partial submission
+        // never leaves more than `ops` entries): stop rather than spin on a failing push.
+        while self.ops.len() < self.depth && !self.ring.submission().is_full() {
+            let Some((lock, queued)) = self.ready.pop_front() else {
                 break;
             };
-            self.start(lock, job);
+            self.start(lock, queued);
         }
     }
 
     /// Gives `job` an entry in the ring (the ring has room), or completes it at once when the
     /// gate refuses it or its buffers cannot be described.
-    fn start(&mut self, lock: Option<LockId>, job: Job) {
+    fn start(&mut self, lock: Option<LockId>, (job, ticket): Queued) {
         // Right before the entry is pushed: from then on the kernel may access guest memory.
-        if self.closing || !self.gate.allows(job.epoch) {
+        if self.closing || !self.gate.admits(ticket) {
             self.finish_unstarted(lock, job.token, Err(canceled()));
             return;
         }
@@ -354,6 +365,7 @@ impl Uring {
         self.next_op += 1;
         let op = UringOp {
             job,
+            ticket,
             lock,
             iovecs,
             expected,
@@ -389,7 +401,7 @@ impl Uring {
         if pushed.is_err() {
             // Not expected: the ring never holds more than `depth` operations.
             if let Some(op) = self.ops.remove(&id) {
-                self.ready.push_front((op.lock, op.job));
+                self.ready.push_front((op.lock, (op.job, op.ticket)));
             }
             return;
         }
@@ -412,7 +424,7 @@ impl Uring {
             // (it keeps its range).
             info!("io_uring: O_DIRECT transfer refused (EINVAL); falling back to buffered I/O");
             self.direct = None;
-            self.ready.push_front((op.lock, op.job));
+            self.ready.push_front((op.lock, (op.job, op.ticket)));
             return;
         }
         let result = if res < 0 {
@@ -504,14 +516,15 @@ impl Backend for Uring {
 
     fn submit(&mut self, job: Job) {
         self.inflight.fetch_add(1, Ordering::AcqRel);
+        let ticket = self.gate.ticket(job.epoch);
         match job.op {
             JobOp::Read | JobOp::Write => {
                 let (offset, len, write) = (job.offset, job.len(), job.op == JobOp::Write);
-                if let Some((id, job)) = self.order.acquire(offset, len, write, job) {
-                    self.ready.push_back((Some(id), job));
+                if let Some((id, queued)) = self.order.acquire(offset, len, write, (job, ticket)) {
+                    self.ready.push_back((Some(id), queued));
                 }
             }
-            JobOp::Flush => self.ready.push_back((None, job)),
+            JobOp::Flush => self.ready.push_back((None, (job, ticket))),
         }
         self.pump();
     }
@@ -908,8 +921,8 @@ mod tests {
     /// the first; then `stop` closes the gate. The device thread's next kick refuses the 196
     /// at once (they stop counting as in flight before any completion), the held ones are
     /// refused when the conflict ends, and no refused job touches guest memory or the file.
-    fn queued_jobs_are_refused(stop: impl FnOnce(&DmaGate)) {
-        let path = temp_file("refuse.img", 4 << 20);
+    fn queued_jobs_are_refused(name: &str, stop: impl FnOnce(&DmaGate)) {
+        let path = temp_file(name, 4 << 20);
         let mem = mem();
         mem.write_slice(&vec![0xaa; 0x20_0000], GuestAddress(0))
             .unwrap();
@@ -968,12 +981,20 @@ mod tests {
 
     #[test]
     fn io_uring_reset_refuses_the_backlog() {
-        queued_jobs_are_refused(|gate| gate.set_epoch(1));
+        queued_jobs_are_refused("refuse-reset.img", |gate| gate.set_epoch(1));
     }
 
     #[test]
     fn io_uring_bus_master_off_refuses_the_backlog() {
-        queued_jobs_are_refused(|gate| gate.set_bus_master(false));
+        queued_jobs_are_refused("refuse-bme.img", |gate| gate.set_bus_master(false));
+    }
+
+    #[test]
+    fn io_uring_bus_master_toggled_refuses_the_backlog() {
+        queued_jobs_are_refused("refuse-toggle.img", |gate| {
+            gate.set_bus_master(false);
+            gate.set_bus_master(true);
+        });
     }
 
     #[test]

@@ -251,13 +251,24 @@ pub enum JobOp {
 }
 
 /// Whether a job may still start touching guest memory: the device's reset epoch and the
-/// guest's Bus Master Enable bit (SPEC 1 and 3). A backend asks [`DmaGate::allows`] right
-/// before a job's first guest-memory access; a job it refuses completes with
-/// [`JOB_CANCELED`] and never touches guest memory. A job already copying finishes its copy.
+/// guest's Bus Master Enable bit (SPEC 1 and 3). A backend takes a [`GateTicket`] when a job is
+/// submitted and asks [`DmaGate::admits`] right before the job's first guest-memory access; a
+/// job it refuses completes with [`JOB_CANCELED`] and never touches guest memory. A job already
+/// copying finishes its copy.
 #[derive(Debug)]
 pub struct DmaGate {
     epoch: AtomicU64,
     bus_master: AtomicBool,
+    /// How many times the guest cleared Bus Master Enable: a job submitted before a clear
+    /// stays refused even once the guest sets the bit again.
+    clears: AtomicU64,
+}
+
+/// What a job was submitted under: checked by [`DmaGate::admits`] when it is about to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GateTicket {
+    epoch: u64,
+    clears: u64,
 }
 
 /// The error (ECANCELED) of a job the [`DmaGate`] refused.
@@ -270,6 +281,7 @@ impl Default for DmaGate {
             // A device is created with bus mastering on: the VMM's firmware role enables it
             // with memory decoding, and a platform without a PCI command register has no gate.
             bus_master: AtomicBool::new(true),
+            clears: AtomicU64::new(0),
         }
     }
 }
@@ -278,6 +290,30 @@ impl DmaGate {
     /// Whether a job of `epoch` may start touching guest memory now.
     pub fn allows(&self, epoch: u64) -> bool {
         self.bus_master.load(Ordering::Acquire) && self.epoch.load(Ordering::Acquire) == epoch
+    }
+
+    /// The ticket of a job of `epoch` submitted now.
+    pub fn ticket(&self, epoch: u64) -> GateTicket {
+        GateTicket {
+            epoch,
+            clears: self.clears.load(Ordering::Acquire),
+        }
+    }
+
+    /// Whether a job holding `ticket` may start touching guest memory now: [`DmaGate::allows`]
+    /// its epoch, and the guest has not cleared Bus Master Enable since it was submitted.
+    pub fn admits(&self, ticket: GateTicket) -> bool {
+        // Bus master first: a clear counts before the bit can read as set again.
+        self.allows(ticket.epoch) && self.clears.load(Ordering::Acquire) == ticket.clears
+    }
+
+    /// What `admits` depends on, to notice a change: (epoch, bus master, clears).
+    pub fn state(&self) -> (u64, bool, u64) {
+        (
+            self.epoch.load(Ordering::Acquire),
+            self.bus_master.load(Ordering::Acquire),
+            self.clears.load(Ordering::Acquire),
+        )
     }
 
     /// The current reset epoch (jobs are tagged with it when they are created).
@@ -297,7 +333,14 @@ impl DmaGate {
 
     /// The guest set or cleared Bus Master Enable.
     pub fn set_bus_master(&self, on: bool) {
-        self.bus_master.store(on, Ordering::Release);
+        if on {
+            self.bus_master.store(true, Ordering::Release);
+        } else {
+            // Counted before the bit clears, so by the time it reads as set again the count
+            // has moved on for every job submitted before.
+            self.clears.fetch_add(1, Ordering::AcqRel);
+            self.bus_master.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -460,6 +503,24 @@ mod tests {
             assert_eq!(Backing::parse(&b.to_string()).unwrap(), b);
         }
         assert_eq!(Backing::parse("mem:1024K").unwrap().to_string(), "mem:1M");
+    }
+
+    #[test]
+    fn the_gate_admits_a_job_only_in_its_epoch_and_bus_master_period() {
+        let gate = DmaGate::default();
+        let t0 = gate.ticket(0);
+        assert!(gate.admits(t0) && gate.allows(0));
+        gate.set_bus_master(false);
+        assert!(!gate.admits(t0) && !gate.allows(0));
+        // Set again: jobs submitted before the clear stay refused, later ones start.
+        gate.set_bus_master(true);
+        assert!(!gate.admits(t0) && gate.allows(0));
+        let t1 = gate.ticket(0);
+        assert!(gate.admits(t1));
+        gate.set_epoch(1);
+        assert!(!gate.admits(t1));
+        assert!(gate.admits(gate.ticket(1)));
+        assert_eq!(gate.state(), (1, true, 1));
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! The device thread registers each READ/WRITE with the pool's [`RangeLock`] (write atomicity,
 //! SPEC 10) and sends it through a channel once nothing it conflicts with is in flight; each
 //! worker takes the next one, asks the [`DmaGate`] whether it may still start (a job of an
-//! older reset epoch, or one arriving while the guest cleared Bus Master Enable, completes with
-//! [`JOB_CANCELED`] without touching guest memory), executes it against guest memory and the
+//! older reset epoch, or submitted before the guest last cleared Bus Master Enable, completes
+//! with [`JOB_CANCELED`] without touching guest memory), executes it against guest memory and the
 //! store, decrements the shared in-flight counter (it no longer touches guest memory), releases
 //! its range (sending the jobs that waited for it), sends the completion back and writes the
 //! notifier eventfd.
@@ -21,7 +21,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::range::{LockId, RangeLock};
-use super::{Backend, BackendError, Completion, DmaGate, Job, JobOp, JOB_CANCELED};
+use super::{Backend, BackendError, Completion, DmaGate, GateTicket, Job, JobOp, JOB_CANCELED};
 use crate::request::Segment;
 
 /// Something the pool's workers read from, write to and flush, from several threads at once.
@@ -49,14 +49,17 @@ pub fn execute<S: Store + ?Sized>(store: &S, mem: &GuestMemoryMmap, job: &Job) -
 #[derive(Debug)]
 enum Msg {
     /// Run a job (holding its range, if it has one).
-    Run(Option<LockId>, Job),
+    Run(Option<LockId>, Queued),
     /// One worker exits.
     Stop,
 }
 
-type Order = Arc<Mutex<RangeLock<Job>>>;
+/// A job and what it was submitted under.
+type Queued = (Job, GateTicket);
 
-fn lock_order(order: &Order) -> MutexGuard<'_, RangeLock<Job>> {
+type Order = Arc<Mutex<RangeLock<Queued>>>;
+
+fn lock_order(order: &Order) -> MutexGuard<'_, RangeLock<Queued>> {
     // The lock's state stays consistent across a panic elsewhere (none of its methods panic).
     order.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -70,6 +73,7 @@ pub struct Pool {
     /// Kept so that jobs nobody will run can be counted out at drop.
     jobs_rx: Arc<Mutex<Receiver<Msg>>>,
     order: Order,
+    gate: Arc<DmaGate>,
     done: Receiver<Completion>,
     notifier: Arc<EventFd>,
     threads: Vec<JoinHandle<()>>,
@@ -100,6 +104,7 @@ impl Pool {
             jobs: jobs_tx.clone(),
             jobs_rx: jobs_rx.clone(),
             order: order.clone(),
+            gate: gate.clone(),
             done: done_rx,
             notifier: notifier.clone(),
             threads: Vec::new(),
@@ -156,13 +161,13 @@ impl<S: Store> Worker<S> {
                 let rx = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
                 rx.recv()
             };
-            let Ok(Msg::Run(lock, job)) = next else {
+            let Ok(Msg::Run(lock, (job, ticket))) = next else {
                 // Stop, or the pool is gone.
                 return;
             };
             // Asked right before the first guest-memory access: a refused job costs no copy,
             // so a reset with thousands of queued jobs completes within one job's time.
-            let result = if self.gate.allows(job.epoch) {
+            let result = if self.gate.admits(ticket) {
                 execute(&*self.store, &self.mem, &job)
             } else {
                 Err(io::Error::from_raw_os_error(JOB_CANCELED))
@@ -174,9 +179,9 @@ impl<S: Store> Worker<S> {
             self.inflight.fetch_sub(1, Ordering::Release);
             if let Some(id) = lock {
                 lock_order(&self.order).release(id, &mut ready);
-                for (id, job) in ready.drain(..) {
+                for (id, queued) in ready.drain(..) {
                     // Cannot fail: the pool keeps a receiver until every worker has exited.
-                    let _ = self.requeue.send(Msg::Run(Some(id), job));
+                    let _ = self.requeue.send(Msg::Run(Some(id), queued));
                 }
             }
             if self
@@ -211,16 +216,17 @@ impl Backend for Pool {
 
     fn submit(&mut self, job: Job) {
         self.inflight.fetch_add(1, Ordering::AcqRel);
+        let ticket = self.gate.ticket(job.epoch);
         let msg = match job.op {
             JobOp::Read | JobOp::Write => {
                 let (offset, len, write) = (job.offset, job.len(), job.op == JobOp::Write);
-                match lock_order(&self.order).acquire(offset, len, write, job) {
-                    Some((id, job)) => Msg::Run(Some(id), job),
+                match lock_order(&self.order).acquire(offset, len, write, (job, ticket)) {
+                    Some((id, queued)) => Msg::Run(Some(id), queued),
                     // Sent by the worker that completes the last conflicting job.
                     None => return,
                 }
             }
-            JobOp::Flush => Msg::Run(None, job),
+            JobOp::Flush => Msg::Run(None, (job, ticket)),
         };
         // Cannot fail: the pool itself holds a receiver.
         let _ = self.jobs.send(msg);
@@ -437,6 +443,14 @@ mod tests {
     }
 
     #[test]
+    fn bus_master_cleared_and_set_again_still_refuses_queued_jobs() {
+        queued_jobs_are_refused(|gate| {
+            gate.set_bus_master(false);
+            gate.set_bus_master(true);
+        });
+    }
+
+    #[test]
     fn jobs_of_the_current_epoch_still_run() {
         let mut g = gated_pool(2);
         g.gate.set_epoch(3);
@@ -467,11 +481,16 @@ mod tests {
         g.pool.reap(&mut more);
         assert!(more.is_empty(), "{more:?}");
         assert_eq!(g.store.transfers.load(Ordering::Acquire), 2);
+        // The read starts only once the write is done (and then blocks in the store too).
         g.release.send(()).unwrap();
+        let done = wait_for(&mut g.pool, 1);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].token, 1);
         g.release.send(()).unwrap();
-        let done = wait_for(&mut g.pool, 2);
-        let tokens: Vec<u64> = done.iter().map(|c| c.token).collect();
-        assert_eq!(tokens, vec![1, 2]);
+        let done = wait_for(&mut g.pool, 1);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].token, 2);
+        assert_eq!(g.store.transfers.load(Ordering::Acquire), 3);
         assert_eq!(g.inflight.load(Ordering::Acquire), 0);
     }
 

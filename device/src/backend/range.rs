@@ -570,7 +570,7 @@ mod tests {
     #[test]
     fn random_jobs_follow_the_rules() {
         for seed in 1..40u64 {
-            let mut rng = Rng(seed * 0x9e37_79b9_7f4a_7c15);
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let mut l = RangeLock::new();
             let mut live: Vec<Model> = Vec::new();
             let mut running: Vec<(LockId, Model)> = Vec::new();

@@ -110,7 +110,7 @@ pub(crate) fn overlapping_writes_never_tear(b: &mut dyn Backend, mem: &GuestMemo
     let read_base = WRITERS * MIB;
     let back_base = (WRITERS + READERS) * MIB;
     let mut token = 0u64;
-    for round in 0..12u64 {
+    for round in 0..8u64 {
         let read_at: Vec<u64> = (0..READERS).map(|_| rng.below(WRITERS)).collect();
         let mut jobs = Vec::new();
         let mut reads = Vec::new();
