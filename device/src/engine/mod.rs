@@ -41,10 +41,12 @@ pub use crate::metrics::DeviceMetrics;
 pub use queue::BrokenQueue;
 
 mod contract;
+mod control;
 pub mod queue;
 mod worker;
 
 pub use contract::{ActivateError, InterruptSink, QueueConfig, QueueEngine};
+pub use control::{ControlError, DeviceControl};
 
 #[cfg(test)]
 pub(crate) mod testdrv;
@@ -245,6 +247,14 @@ pub(crate) enum Command {
     },
     /// The guest set Bus Master Enable again: look at the queues.
     BusMasterOn,
+    /// Runtime control: the fault rules from now on.
+    SetFaults(Vec<FaultRule>),
+    /// Runtime control: set NEEDS_RESET now.
+    InjectReset,
+    /// Runtime control: hang now.
+    InjectHang,
+    /// Runtime control: stop or resume processing.
+    Pause(bool),
     Shutdown,
 }
 
@@ -290,6 +300,7 @@ pub struct Engine {
     state: State,
     backend_name: &'static str,
     id: &'static str,
+    device_control: DeviceControl,
 }
 
 impl std::fmt::Debug for Engine {
@@ -377,6 +388,12 @@ impl Engine {
             info.capacity,
             options.faults.len()
         );
+        let device_control = DeviceControl::new(
+            commands.clone(),
+            control.clone(),
+            options.faults.clone(),
+            shared.metrics.clone(),
+        );
         Ok(Engine {
             config,
             features: DEVICE_FEATURES,
@@ -389,7 +406,13 @@ impl Engine {
             state: State::Idle,
             backend_name: info.name,
             id,
+            device_control,
         })
+    }
+
+    /// A handle to change the device while it runs (fault rules, reset, hang, pause).
+    pub fn control(&self) -> DeviceControl {
+        self.device_control.clone()
     }
 
     /// A snapshot of the metrics.

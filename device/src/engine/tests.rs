@@ -907,3 +907,49 @@ fn rings_at_guest_address_zero() {
     assert_eq!(drv.status(&p), req_status::OK);
     assert!(!core.needs_reset());
 }
+
+// ---- runtime control ----
+
+#[test]
+fn control_adds_and_removes_faults_pauses_and_requests_a_reset_while_running() {
+    let mut r = rig(&[]);
+    let ctl = r.core.control();
+    assert_eq!(r.write(0, 1, 0, &[1u8; 512]), req_status::OK);
+    let index = ctl
+        .add_fault(FaultRule::parse("error:every=1,op=write").unwrap())
+        .unwrap();
+    assert_eq!(index, 0);
+    assert_eq!(ctl.faults().len(), 1);
+    assert_eq!(r.write(0, 2, 0, &[2u8; 512]), req_status::IOERR);
+    assert_eq!(
+        ctl.remove_fault(0).unwrap().to_string(),
+        "error:every=1,op=write"
+    );
+    assert!(matches!(
+        ctl.remove_fault(0),
+        Err(ControlError::NoSuchRule { index: 0, count: 0 })
+    ));
+    assert_eq!(r.write(0, 3, 0, &[3u8; 512]), req_status::OK);
+    // Paused: a request waits, untouched, until resumed.
+    ctl.pause(true).unwrap();
+    let p = r.drv.post_write(0, 4, 0, &[4u8; 512]);
+    r.drv.kick(0);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(r.drv.take_used(0), vec![]);
+    ctl.pause(false).unwrap();
+    r.drv.wait_used(0, 1);
+    assert_eq!(r.drv.status(&p), req_status::OK);
+    // A reset request: NEEDS_RESET and a configuration interrupt.
+    ctl.request_reset().unwrap();
+    wait_until("NEEDS_RESET", || r.core.needs_reset());
+    wait_until("config interrupt", || r.sink.configs() == 1);
+    assert_eq!(ctl.metrics().faults.reset, 1);
+    r.reset_and_reactivate(ALL);
+    ctl.hang().unwrap();
+    let p = r.drv.post_write(0, 5, 0, &[5u8; 512]);
+    r.drv.kick(0);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(r.drv.take_used(0), vec![]);
+    assert_eq!(ctl.metrics().faults.hang, 1);
+    let _ = p;
+}

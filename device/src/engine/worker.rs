@@ -145,6 +145,7 @@ pub(crate) fn run(setup: Setup) {
         active: false,
         broken: false,
         hung: false,
+        paused: false,
         sink: None,
         queues: Vec::new(),
         runnable: VecDeque::new(),
@@ -346,6 +347,8 @@ struct DeviceLoop {
     broken: bool,
     /// A hang fault fired: nothing is processed or published until reset.
     hung: bool,
+    /// Paused through the control API: nothing is taken or published until resumed.
+    paused: bool,
     sink: Option<Arc<dyn InterruptSink>>,
     queues: Vec<Option<VQueue>>,
     /// Queues with work left, served round-robin.
@@ -429,6 +432,30 @@ impl DeviceLoop {
                     self.schedule_all();
                     self.run_queues();
                 }
+                Command::SetFaults(rules) => {
+                    info!("aiodma device: {} fault rule(s) now", rules.len());
+                    self.faults.set_rules(rules);
+                }
+                Command::InjectReset => {
+                    if self.active {
+                        self.shared.metrics.fault(&Decision::Reset);
+                        self.needs_reset(0, &BrokenQueue::Injected);
+                    }
+                }
+                Command::InjectHang => {
+                    if self.active && !self.hung {
+                        self.shared.metrics.fault(&Decision::Hang);
+                        warn!("aiodma device: hang injected: every queue stops until reset");
+                        self.hung = true;
+                    }
+                }
+                Command::Pause(paused) => {
+                    self.paused = paused;
+                    if !paused {
+                        self.schedule_all();
+                        self.run_queues();
+                    }
+                }
                 Command::Shutdown => self.shared.shutdown.store(true, Ordering::Release),
             }
         }
@@ -511,6 +538,7 @@ impl DeviceLoop {
         self.active
             && !self.broken
             && !self.hung
+            && !self.paused
             && self.now_epoch() == self.epoch
             && self.shared.gate.bus_master()
     }
@@ -892,7 +920,7 @@ impl DeviceLoop {
         let mut broken = None;
         {
             let guard = self.shared.lock_publish();
-            if !self.shared.gate.bus_master() {
+            if !self.shared.gate.bus_master() || self.paused {
                 return;
             }
             let current = *guard == self.epoch && self.active && !self.broken && !self.hung;

@@ -518,6 +518,10 @@ mod tests {
         let mut q = p.clone();
         q.dedup();
         assert_eq!(corrupt_positions(3, 8, 16), p);
-        assert_eq!(corrupt_positions(3, 64, 1).len(), 8, "at most every bit once");
+        assert_eq!(
+            corrupt_positions(3, 64, 1).len(),
+            8,
+            "at most every bit once"
+        );
     }
 }

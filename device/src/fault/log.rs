@@ -74,7 +74,9 @@ impl LogEntry {
             t_us: u64::try_from(t.as_micros()).unwrap_or(u64::MAX),
         };
         match *decision {
-            Decision::Delay(d) => e.delay_ns = Some(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+            Decision::Delay(d) => {
+                e.delay_ns = Some(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            }
             Decision::Status(c) => e.code = Some(c),
             Decision::Short(n) => e.len = Some(n),
             Decision::Corrupt { bits, seed } => {
@@ -89,9 +91,8 @@ impl LogEntry {
     /// The decision this entry records, or why it cannot be replayed.
     pub fn scheduled(&self) -> Result<Scheduled, String> {
         let op = Op::from_name(&self.op).ok_or_else(|| format!("unknown op '{}'", self.op))?;
-        let need = |v: Option<u64>, what: &str| {
-            v.ok_or_else(|| format!("{} without {what}", self.kind))
-        };
+        let need =
+            |v: Option<u64>, what: &str| v.ok_or_else(|| format!("{} without {what}", self.kind));
         let decision = match self.kind.as_str() {
             "error" => Decision::Error,
             "drop" => Decision::Drop,
@@ -282,7 +283,11 @@ mod tests {
         }
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 6);
-        assert!(text.lines().last().unwrap().starts_with("{\"summary\":{\"requests\":6,\"fired\":5"));
+        assert!(text
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("{\"summary\":{\"requests\":6,\"fired\":5"));
         let schedule = read_schedule(&path).unwrap();
         let got: Vec<_> = schedule.iter().map(|s| (s.seq, s.decision)).collect();
         let want: Vec<_> = decisions

@@ -24,5 +24,7 @@ pub mod injector;
 pub mod log;
 pub mod rule;
 
-pub use injector::{corrupt_positions, Decision, FaultInjector, RequestFacts, Scheduled, SplitMix64};
+pub use injector::{
+    corrupt_positions, Decision, FaultInjector, RequestFacts, Scheduled, SplitMix64,
+};
 pub use rule::{format_duration, parse_duration, FaultKind, FaultRule, FaultSpecError, Trigger};

@@ -140,7 +140,10 @@ pub struct FaultRule {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FaultSpecError {
     /// The rule is empty.
-    #[error("fault '': empty rule (expected KIND:key=val,... with KIND one of {})", kinds())]
+    #[error(
+        "fault '': empty rule (expected KIND:key=val,... with KIND one of {})",
+        kinds()
+    )]
     Empty,
     /// Unknown kind.
     #[error("fault '{spec}': unknown kind '{kind}' (expected one of {})", kinds())]
@@ -196,7 +199,9 @@ pub enum FaultSpecError {
         value: String,
     },
     /// A bad count.
-    #[error("fault '{spec}': bad count '{value}' for {key} (expected an integer from {min} to {max})")]
+    #[error(
+        "fault '{spec}': bad count '{value}' for {key} (expected an integer from {min} to {max})"
+    )]
     BadCount {
         /// The rule.
         spec: String,
@@ -409,22 +414,23 @@ impl FaultRule {
             values.push((key, value));
         }
         let get = |key: &str| values.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
-        let count = |key: &'static str, min: u64, max: u64| -> Result<Option<u64>, FaultSpecError> {
-            get(key)
-                .map(|v| {
-                    v.parse::<u64>()
-                        .ok()
-                        .filter(|n| (min..=max).contains(n))
-                        .ok_or_else(|| FaultSpecError::BadCount {
-                            spec: owned(),
-                            key,
-                            value: v.to_string(),
-                            min,
-                            max,
-                        })
-                })
-                .transpose()
-        };
+        let count =
+            |key: &'static str, min: u64, max: u64| -> Result<Option<u64>, FaultSpecError> {
+                get(key)
+                    .map(|v| {
+                        v.parse::<u64>()
+                            .ok()
+                            .filter(|n| (min..=max).contains(n))
+                            .ok_or_else(|| FaultSpecError::BadCount {
+                                spec: owned(),
+                                key,
+                                value: v.to_string(),
+                                min,
+                                max,
+                            })
+                    })
+                    .transpose()
+            };
         let duration = |key: &str| -> Result<Option<(Duration, String)>, FaultSpecError> {
             get(key)
                 .map(|v| {
@@ -623,7 +629,10 @@ mod tests {
     #[test]
     fn parses_good_rules() {
         let r = FaultRule::parse("error:p=0.25").unwrap();
-        assert_eq!(r, FaultRule::new(FaultKind::Error, Trigger::Probability(0.25)));
+        assert_eq!(
+            r,
+            FaultRule::new(FaultKind::Error, Trigger::Probability(0.25))
+        );
 
         let r = FaultRule::parse("delay:every=10,min=100us,max=2ms,op=read").unwrap();
         assert_eq!(
@@ -660,7 +669,13 @@ mod tests {
         assert_eq!(r.queue, Some(1));
         assert_eq!(r.range, Some(4096..1 << 20));
         for kind in ["used-id", "used-len", "irq-lost", "irq-spurious", "chaos"] {
-            assert_eq!(FaultRule::parse(&format!("{kind}:p=0.1")).unwrap().kind.name(), kind);
+            assert_eq!(
+                FaultRule::parse(&format!("{kind}:p=0.1"))
+                    .unwrap()
+                    .kind
+                    .name(),
+                kind
+            );
         }
     }
 
@@ -693,7 +708,9 @@ mod tests {
             "fault 'delay:min=5xs,p=1': bad duration '5xs' (expected an integer with ns, us, ms or s)"
         );
         assert!(err("").starts_with("fault '': empty"));
-        assert!(err("explode:p=1").starts_with("fault 'explode:p=1': unknown kind 'explode' (expected one of error, delay,"));
+        assert!(err("explode:p=1").starts_with(
+            "fault 'explode:p=1': unknown kind 'explode' (expected one of error, delay,"
+        ));
         assert!(err("error:p=1.5").contains("bad probability '1.5'"));
         assert!(err("error:p=NaN").contains("bad probability 'NaN'"));
         assert!(err("error:every=0").contains("bad count '0' for every"));
