@@ -191,7 +191,7 @@ pub struct RunArgs {
     /// on (a forbidden call stops the VMM with a message naming it, exit code 159), log (the
     /// kernel's audit log records it, the call proceeds) or off. In the emulated host they
     /// apply to the inner VMM.
-    #[arg(long, value_name = "on|log|off", default_value = "off", env = "AIODMA_SECCOMP",
+    #[arg(long, value_name = "on|log|off", default_value = "on", env = "AIODMA_SECCOMP",
           value_parser = parse_seccomp)]
     pub seccomp: SeccompMode,
 
@@ -228,9 +228,27 @@ pub struct RunArgs {
     )]
     pub fault_seed: u64,
 
+    /// Write one JSON line per fired fault (request sequence number, queue, head, op, offset,
+    /// length, kind and its drawn parameters, device time) and a summary line to PATH. Its
+    /// directory must exist; in the emulated host it is shared read-write automatically.
+    #[arg(long, value_name = "PATH", help_heading = "DMA device")]
+    pub fault_log: Option<PathBuf>,
+
+    /// Fire exactly the faults of a fault log written by --fault-log, on the same request
+    /// sequence numbers, instead of --fault rules (for the same guest workload the new log is
+    /// the same, device times aside).
+    #[arg(
+        long,
+        value_name = "PATH",
+        help_heading = "DMA device",
+        conflicts_with = "faults"
+    )]
+    pub fault_replay: Option<PathBuf>,
+
     /// Boot without the DMA device (the PCI bus then holds only the host bridge).
     #[arg(long, help_heading = "DMA device",
-          conflicts_with_all = ["queues", "queue_size", "backing", "faults", "fault_seed"])]
+          conflicts_with_all = ["queues", "queue_size", "backing", "faults", "fault_seed",
+                                "fault_log", "fault_replay"])]
     pub no_device: bool,
 
     /// Command to run in the guest (after `--`).

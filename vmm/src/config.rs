@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use aiodma_device::abi;
 use aiodma_device::backend::Backing;
-use aiodma_device::fault::FaultRule;
+use aiodma_device::fault::log::read_schedule;
+use aiodma_device::fault::{FaultRule, Scheduled};
 
 use crate::cli::RunArgs;
 
@@ -48,9 +49,12 @@ pub enum ConfigError {
     /// The `--backing` file is unusable.
     #[error("--backing {0}: {1}")]
     Backing(PathBuf, String),
-    /// The metrics file cannot be created where asked.
-    #[error("--metrics {0}: directory {1} does not exist")]
-    MetricsDir(PathBuf, PathBuf),
+    /// An output file cannot be created where asked.
+    #[error("--{0} {1}: directory {2} does not exist")]
+    OutputDir(&'static str, PathBuf, PathBuf),
+    /// The `--fault-replay` file is not a fault log.
+    #[error(transparent)]
+    FaultReplay(#[from] aiodma_device::fault::log::ReplayError),
     /// The whole kernel command line is too long.
     #[error("kernel command line is {0} bytes; Linux accepts at most {max}", max = CMDLINE_CAPACITY - 1)]
     CmdlineTooLong(usize),
@@ -96,6 +100,10 @@ pub struct DeviceSpec {
     pub faults: Vec<FaultRule>,
     /// Fault injector seed (`--fault-seed`).
     pub fault_seed: u64,
+    /// Where to log fired faults (`--fault-log`, absolute).
+    pub fault_log: Option<PathBuf>,
+    /// Faults to replay (`--fault-replay`), read from the log.
+    pub fault_replay: Option<Vec<Scheduled>>,
 }
 
 impl DeviceSpec {
@@ -119,7 +127,25 @@ impl DeviceSpec {
             backing,
             faults: args.faults.clone(),
             fault_seed: args.fault_seed,
+            fault_log: args
+                .fault_log
+                .as_deref()
+                .map(|p| absolute_in_existing_dir("fault-log", p))
+                .transpose()?,
+            fault_replay: args
+                .fault_replay
+                .as_deref()
+                .map(read_schedule)
+                .transpose()?,
         }))
+    }
+
+    /// The directory of the fault log, which the emulated host must share read-write.
+    pub fn fault_log_dir(&self) -> Option<PathBuf> {
+        self.fault_log
+            .as_deref()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
     }
 
     /// The directory of the backing file, which the emulated host must share read-write.
@@ -240,14 +266,15 @@ pub fn build_cmdline(append: Option<&str>, command: &[String]) -> Result<String,
     Ok(cmdline)
 }
 
-/// `path` made absolute, checking that its directory exists (the file itself may not).
-fn absolute_in_existing_dir(path: &Path) -> Result<PathBuf, ConfigError> {
+/// `path` (the value of `--flag`) made absolute, checking that its directory exists (the file
+/// itself may not).
+fn absolute_in_existing_dir(flag: &'static str, path: &Path) -> Result<PathBuf, ConfigError> {
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let dir = absolute.parent().map(Path::to_path_buf).unwrap_or_default();
     if dir.is_dir() {
         Ok(absolute)
     } else {
-        Err(ConfigError::MetricsDir(path.to_path_buf(), dir))
+        Err(ConfigError::OutputDir(flag, path.to_path_buf(), dir))
     }
 }
 
@@ -273,7 +300,7 @@ impl VmConfig {
         let metrics = args
             .metrics
             .as_deref()
-            .map(absolute_in_existing_dir)
+            .map(|p| absolute_in_existing_dir("metrics", p))
             .transpose()?;
         Ok(Self {
             kernel,

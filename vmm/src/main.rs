@@ -127,6 +127,7 @@ fn run(args: &RunArgs, vmm_start: Instant) -> u8 {
                 .iter()
                 .filter_map(|p| p.parent().map(Into::into))
                 .chain(cfg.device.as_ref().and_then(|d| d.backing_dir()))
+                .chain(cfg.device.as_ref().and_then(|d| d.fault_log_dir()))
                 .collect();
             on_host(
                 args.host,

@@ -9,7 +9,7 @@ use std::io::{self, IsTerminal, Read};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::Kvm;
@@ -22,7 +22,7 @@ use vmm_sys_util::terminal::Terminal;
 
 use aiodma_device::backend::BackendError;
 use aiodma_device::engine::QueueEngine;
-use aiodma_device::engine::{DeviceError, DeviceOptions, Engine, ThreadHook};
+use aiodma_device::engine::{DeviceControl, DeviceError, DeviceOptions, Engine, ThreadHook};
 use aiodma_device::metrics::Metrics;
 use aiodma_device::transport::Transport;
 
@@ -345,21 +345,25 @@ struct DmaDevice {
     _function: Arc<Mutex<Transport>>,
     /// The engine's live counters.
     metrics: Arc<Metrics>,
+    /// Runtime control of the engine.
+    control: DeviceControl,
 }
 
-/// The queue engine behind the transport, built from the device flags, and its live counters.
+/// The queue engine behind the transport, built from the device flags.
 /// `on_thread_start` confines the device's threads (`--seccomp`).
 fn create_engine(
     spec: &DeviceSpec,
     memory: GuestMemoryMmap,
     on_thread_start: Option<ThreadHook>,
-) -> Result<(Box<dyn QueueEngine>, Arc<Metrics>), VmmError> {
+) -> Result<Engine, VmmError> {
     let options = DeviceOptions {
         queues: spec.queues,
         queue_size_max: spec.queue_size,
         backing: spec.backing.clone(),
         faults: spec.faults.clone(),
         fault_seed: spec.fault_seed,
+        fault_log: spec.fault_log.clone(),
+        fault_replay: spec.fault_replay.clone(),
         on_thread_start,
         ..DeviceOptions::default()
     };
@@ -373,8 +377,7 @@ fn create_engine(
         ) => VmmError::DeviceInput(e.to_string()),
         _ => VmmError::Device(e.to_string()),
     })?;
-    let metrics = core.metrics_handle();
-    Ok((Box::new(core), metrics))
+    Ok(core)
 }
 
 /// The PCI platform: conf1 on the port bus, the host bridge at 00:00.0, the DMA device at
@@ -396,10 +399,12 @@ fn attach_pci(
     .map_err(pci_err)?;
     let dma = match &cfg.device {
         Some(spec) => {
-            let (engine, metrics) = create_engine(spec, vm.memory().clone(), device_threads)?;
+            let engine = create_engine(spec, vm.memory().clone(), device_threads)?;
+            let metrics = engine.metrics_handle();
+            let control = engine.control();
             let vectors = engine.config().num_queues.saturating_add(1);
             let msi = Arc::new(MsiRouting::new(vm.shared_fd(), vectors)?);
-            let transport = Transport::new(engine, msi)
+            let transport = Transport::new(Box::new(engine), msi)
                 .map_err(|e| VmmError::Device(format!("transport: {e}")))?;
             let function = Arc::new(Mutex::new(transport));
             root.add(pci::DMA_DEVICE, function.clone())
@@ -407,6 +412,7 @@ fn attach_pci(
             Some(DmaDevice {
                 _function: function,
                 metrics,
+                control,
             })
         }
         None => None,
@@ -508,10 +514,7 @@ pub fn run(cfg: &VmConfig, vmm_start: Instant) -> Result<Stopped, VmmError> {
     let mmio = Arc::new(Bus::new());
     let device_threads = filters.as_ref().map(|f| {
         let stop = stop.clone();
-        f.device_hook(move |e| {
-            log::error!("{e}");
-            stop.stop(StopReason::SeccompFailed(e.to_string()));
-        })
+        f.device_hook(move |e| stop.stop(StopReason::SeccompFailed(e.to_string())))
     });
     let dma = attach_pci(&vm, cfg, &pio, &mmio, device_threads)?;
     let ctx = VcpuContext {
@@ -602,6 +605,12 @@ pub fn run(cfg: &VmConfig, vmm_start: Instant) -> Result<Stopped, VmmError> {
         }
     };
     serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
+    if let Some(d) = &dma {
+        // The process exits without tearing the device down: end the fault log now.
+        if let Err(e) = d.control.close_fault_log(Duration::from_secs(2)) {
+            log::warn!("fault log: no summary line: {e}");
+        }
+    }
     let metrics = sources().collect(Some(&reason));
     if let (Some(d), StopReason::Timeout) = (cfg.timeout, &reason) {
         log::error!("guest did not finish within {} s", d.as_secs());

@@ -3,8 +3,9 @@
 //! A [`DeviceControl`] is a cheap handle; every call is a message to the device thread, which
 //! applies it between two events, so it never races a request in flight.
 
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -126,5 +127,14 @@ impl DeviceControl {
     /// The device's counters now.
     pub fn metrics(&self) -> DeviceMetrics {
         self.metrics.snapshot()
+    }
+
+    /// Ends the fault log (`--fault-log`) with its summary line, waiting up to `timeout` for the
+    /// device thread to do it. For a VMM about to exit without tearing the device down.
+    pub fn close_fault_log(&self, timeout: Duration) -> Result<(), ControlError> {
+        let (done, wait) = mpsc::sync_channel(1);
+        self.send(Command::CloseFaultLog(done))?;
+        wait.recv_timeout(timeout)
+            .map_err(|_| ControlError::Stopped)
     }
 }

@@ -255,6 +255,8 @@ pub(crate) enum Command {
     InjectHang,
     /// Runtime control: stop or resume processing.
     Pause(bool),
+    /// Write the fault log's summary and close it; acknowledge on the channel.
+    CloseFaultLog(std::sync::mpsc::SyncSender<()>),
     Shutdown,
 }
 

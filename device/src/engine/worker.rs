@@ -456,6 +456,11 @@ impl DeviceLoop {
                         self.run_queues();
                     }
                 }
+                Command::CloseFaultLog(done) => {
+                    // Dropping the log writes its summary line.
+                    self.fault_log = None;
+                    let _ = done.send(());
+                }
                 Command::Shutdown => self.shared.shutdown.store(true, Ordering::Release),
             }
         }

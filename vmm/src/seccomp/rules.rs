@@ -43,6 +43,15 @@ impl Rules {
     fn allow_if(&mut self, nr: libc::c_long, rules: Vec<SeccompRule>) {
         self.0.insert(nr, rules);
     }
+
+    /// Allow `ioctl(fd, request, ...)` for these requests too.
+    fn allow_ioctls(&mut self, requests: &[libc::c_ulong]) -> Result<(), SeccompError> {
+        let rules = self.0.entry(libc::SYS_ioctl).or_default();
+        for &r in requests {
+            rules.push(arg_eq32(1, r)?);
+        }
+        Ok(())
+    }
 }
 
 /// `arg == value`, comparing the low 32 bits (an ioctl request is an `unsigned int` in the
@@ -54,11 +63,6 @@ fn arg_eq32(arg: u8, value: u64) -> Result<SeccompRule, SeccompError> {
         SeccompCmpOp::Eq,
         value,
     )?])?)
-}
-
-/// `ioctl(fd, request, ...)` for these requests only.
-fn ioctls(requests: &[libc::c_ulong]) -> Result<Vec<SeccompRule>, SeccompError> {
-    requests.iter().map(|&r| arg_eq32(1, r)).collect()
 }
 
 /// `arg & PROT_EXEC == 0`: memory may be mapped or re-protected, but never made executable, so
@@ -73,20 +77,21 @@ fn not_executable(arg: u8) -> Result<Vec<SeccompRule>, SeccompError> {
 }
 
 /// What every thread needs: the allocator (no executable memory), futexes (locks, channels),
-/// logging and console output (`write`), the clock (the vDSO falls back to the system call on
-/// some clock sources), `abort` (signals to this process only), thread exit, and the SIGSYS
+/// logging (`write`; the logger asks whether stderr is a terminal with TCGETS), the clock (the
+/// vDSO falls back to the system call on some clock sources), `abort` (signals to this process
+/// only), thread exit (which drops what the thread owned, e.g. a vCPU's fd), and the SIGSYS
 /// handler's own `write` and `exit_group`.
 fn common(pid: u32) -> Result<Rules, SeccompError> {
     let mut r = Rules(RuleMap::new());
+    r.allow_ioctls(&[libc::TCGETS])?;
     r.allow(&[
         libc::SYS_write,
+        libc::SYS_close,
         libc::SYS_futex,
         libc::SYS_munmap,
         libc::SYS_mremap,
-        libc::SYS_madvise,
         libc::SYS_brk,
         libc::SYS_rt_sigprocmask,
-        libc::SYS_rt_sigreturn,
         libc::SYS_sigaltstack,
         libc::SYS_sched_yield,
         libc::SYS_clock_gettime,
@@ -96,6 +101,11 @@ fn common(pid: u32) -> Result<Rules, SeccompError> {
         libc::SYS_exit,
         libc::SYS_exit_group,
     ]);
+    // glibc returns freed memory (and an exiting thread's stack) with MADV_DONTNEED only.
+    r.allow_if(
+        libc::SYS_madvise,
+        vec![arg_eq32(2, libc::MADV_DONTNEED as u64)?],
+    );
     r.allow_if(libc::SYS_mmap, not_executable(2)?);
     r.allow_if(libc::SYS_mprotect, not_executable(2)?);
     // abort() raises SIGABRT on the calling thread: tgkill(own pid, tid, sig).
@@ -119,36 +129,27 @@ pub(crate) fn rules(kind: ThreadKind, pid: u32) -> Result<RuleMap, SeccompError>
         // thread (PCI BAR moves re-register ioeventfds, MSI-X table writes re-route GSIs, the
         // UART and MSI-X signal irqfds, the transport wakes the device thread); the register
         // reads only happen when the guest stops in an unexpected way.
-        ThreadKind::Vcpu => {
-            r.allow_if(
-                libc::SYS_ioctl,
-                ioctls(&[
-                    KVM_RUN(),
-                    KVM_GET_REGS(),
-                    KVM_GET_SREGS(),
-                    KVM_GET_VCPU_EVENTS(),
-                    KVM_SET_GSI_ROUTING(),
-                    KVM_IOEVENTFD(),
-                ])?,
-            );
-        }
-        // The event loop over doorbell, control, completion and timer fds; io_uring submission
-        // (file backing); synchronous pread/pwrite for requests io_uring cannot take.
+        ThreadKind::Vcpu => r.allow_ioctls(&[
+            KVM_RUN(),
+            KVM_GET_REGS(),
+            KVM_GET_SREGS(),
+            KVM_GET_VCPU_EVENTS(),
+            KVM_SET_GSI_ROUTING(),
+            KVM_IOEVENTFD(),
+        ])?,
+        // The event loop over doorbell, control, completion and timer fds (all registered
+        // during set-up, so no epoll_ctl), the delay timer, io_uring submission and reaping
+        // (file backing; FLUSH is an io_uring fsync).
         ThreadKind::Device => r.allow(&[
             libc::SYS_read,
             libc::SYS_epoll_wait,
             libc::SYS_epoll_pwait,
-            libc::SYS_epoll_ctl,
             libc::SYS_timerfd_settime,
             libc::SYS_io_uring_enter,
-            libc::SYS_pread64,
-            libc::SYS_pwrite64,
-            libc::SYS_preadv,
-            libc::SYS_pwritev,
-            libc::SYS_fdatasync,
         ]),
         // Copies between guest memory and the store: memory (no calls), or a file without
-        // io_uring (preadv/pwritev, fdatasync for FLUSH).
+        // io_uring (pread/pwrite, fdatasync for FLUSH; the vectored twins too, which grant
+        // nothing more).
         ThreadKind::BackendWorker => r.allow(&[
             libc::SYS_pread64,
             libc::SYS_pwrite64,
@@ -156,9 +157,9 @@ pub(crate) fn rules(kind: ThreadKind, pid: u32) -> Result<RuleMap, SeccompError>
             libc::SYS_pwritev,
             libc::SYS_fdatasync,
         ]),
-        // The event loop (stop eventfd, terminal input, SIGUSR1's signalfd, the timeout), the
-        // metrics file (written to a temporary name, then renamed; /proc/self/status and
-        // mincore for memory), restoring the terminal.
+        // The event loop (stop eventfd, terminal input, which it stops watching at EOF,
+        // SIGUSR1's signalfd, the timeout), the metrics file (written to a temporary name,
+        // then renamed; /proc/self/status and mincore measure memory), restoring the terminal.
         ThreadKind::Main => {
             r.allow(&[
                 libc::SYS_read,
@@ -166,18 +167,11 @@ pub(crate) fn rules(kind: ThreadKind, pid: u32) -> Result<RuleMap, SeccompError>
                 libc::SYS_epoll_pwait,
                 libc::SYS_epoll_ctl,
                 libc::SYS_openat,
-                libc::SYS_close,
                 libc::SYS_rename,
-                libc::SYS_fstat,
-                libc::SYS_newfstatat,
                 libc::SYS_statx,
-                libc::SYS_lseek,
                 libc::SYS_mincore,
             ]);
-            r.allow_if(
-                libc::SYS_ioctl,
-                ioctls(&[libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::TCSETSF])?,
-            );
+            r.allow_ioctls(&[libc::TCSETS, libc::TCSETSW, libc::TCSETSF])?;
         }
     }
     Ok(r.0)
@@ -186,6 +180,13 @@ pub(crate) fn rules(kind: ThreadKind, pid: u32) -> Result<RuleMap, SeccompError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn madvise_only_gives_memory_back() {
+        let map = rules(ThreadKind::Vcpu, 1).unwrap();
+        assert_eq!(map[&libc::SYS_madvise].len(), 1);
+        assert!(!map.contains_key(&libc::SYS_rt_sigreturn));
+    }
 
     #[test]
     fn kvm_ioctl_numbers_match_linux() {
@@ -229,12 +230,14 @@ mod tests {
                 assert!(!map.contains_key(&nr), "{kind:?} allows {nr}");
             }
         }
+        // TCGETS everywhere (the logger), the six KVM ioctls on vCPUs only.
         assert_eq!(
             rules(ThreadKind::Vcpu, 1).unwrap()[&libc::SYS_ioctl].len(),
-            6
+            7
         );
-        assert!(!rules(ThreadKind::Device, 1)
-            .unwrap()
-            .contains_key(&libc::SYS_ioctl));
+        assert_eq!(
+            rules(ThreadKind::Device, 1).unwrap()[&libc::SYS_ioctl].len(),
+            1
+        );
     }
 }
