@@ -7,6 +7,7 @@
 #   make vmm      the aiodma binary
 #   make bench    benchmarks (boot time and memory next to QEMU; async vs sync I/O table)
 #   make lint     rustfmt + clippy (workspace), and the kernel's rustfmt + CLIPPY=1 build of the module
+#   make fuzz     fuzz the device for FUZZ_TIME seconds (default 600), growing device/fuzz/corpus
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
@@ -53,6 +54,14 @@ test: image vmm lint
 	status=$$?; \
 	awk '/^test result:/ { p += $$4; f += $$6 } END { printf "tests: %d passed, %d failed\n", p, f }' target/test.log; \
 	exit $$status
+
+# Every cargo-fuzz target of the device for its share of FUZZ_TIME seconds (nightly and cargo-fuzz
+# are installed if missing); new inputs are merged into device/fuzz/corpus/<target>/, minimized,
+# and `make test` replays that corpus on stable. Prints executions and coverage per target.
+FUZZ_TIME ?= 600
+.PHONY: fuzz
+fuzz:
+	@bash device/fuzz/run.sh $(FUZZ_TIME)
 
 clean-cache:
 	rm -rf "$${AIODMA_CACHE:-$$HOME/.cache/aiodma}" images/out

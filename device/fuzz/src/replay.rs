@@ -1,44 +1,82 @@
-//! Runs the fuzz function over files (crash reproducers, a corpus directory) on stable Rust:
-//! `cargo run --bin replay -- PATH...`.
+//! Runs a fuzz target's function over files (crash reproducers, a corpus directory) on stable
+//! Rust: `cargo run --release --bin replay -- [-v] TARGET PATH...` with TARGET `parse` or
+//! `device`. `-v` prints what each `device` input reached (operations, requests, resets).
 
 use std::path::Path;
 use std::process::ExitCode;
 
-fn run(path: &Path, failures: &mut usize, count: &mut usize) {
-    if path.is_dir() {
-        let Ok(entries) = std::fs::read_dir(path) else {
-            eprintln!("{}: cannot read directory", path.display());
-            *failures += 1;
-            return;
-        };
-        for e in entries.flatten() {
-            run(&e.path(), failures, count);
-        }
-        return;
-    }
-    match std::fs::read(path) {
-        Ok(data) => {
-            *count += 1;
-            if let Err(e) = aiodma_device::fuzz::fuzz_input(&data) {
-                eprintln!("{}: {e}", path.display());
-                *failures += 1;
+type Target = fn(&[u8]) -> Result<(), String>;
+
+struct Replay {
+    target: Target,
+    verbose: bool,
+    count: usize,
+    failures: usize,
+}
+
+impl Replay {
+    fn run(&mut self, path: &Path) {
+        if path.is_dir() {
+            let Ok(entries) = std::fs::read_dir(path) else {
+                eprintln!("{}: cannot read directory", path.display());
+                self.failures += 1;
+                return;
+            };
+            let mut paths: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+            paths.sort();
+            for p in paths {
+                self.run(&p);
             }
+            return;
         }
-        Err(e) => {
+        let data = match std::fs::read(path) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("{}: {e}", path.display());
+                self.failures += 1;
+                return;
+            }
+        };
+        self.count += 1;
+        let outcome = if self.verbose {
+            let (r, stats) = aiodma_device::fuzz::device_run(&data);
+            println!("{}: {stats:?}", path.display());
+            r
+        } else {
+            (self.target)(&data)
+        };
+        if let Err(e) = outcome {
             eprintln!("{}: {e}", path.display());
-            *failures += 1;
+            self.failures += 1;
         }
     }
 }
 
 fn main() -> ExitCode {
-    let mut failures = 0;
-    let mut count = 0;
-    for arg in std::env::args_os().skip(1) {
-        run(Path::new(&arg), &mut failures, &mut count);
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let verbose = args.first().is_some_and(|a| a == "-v");
+    if verbose {
+        args.remove(0);
     }
-    println!("{count} input(s), {failures} failure(s)");
-    if failures == 0 {
+    let target: Target = match args.first().map(String::as_str) {
+        Some("parse") => aiodma_device::fuzz::fuzz_input,
+        Some("device") => aiodma_device::fuzz::fuzz_device,
+        _ => {
+            eprintln!("usage: replay [-v] parse|device PATH...");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut replay = Replay {
+        target,
+        verbose: verbose && args.first().is_some_and(|a| a == "device"),
+        count: 0,
+        failures: 0,
+    };
+    for arg in args.iter().skip(1) {
+        replay.run(Path::new(arg));
+    }
+    println!("{} input(s), {} failure(s)", replay.count, replay.failures);
+    if replay.failures == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
