@@ -121,12 +121,29 @@ pub mod feature {
     pub const FLUSH: u64 = 1 << 0;
     /// `OP_GET_ID` is supported.
     pub const GET_ID: u64 = 1 << 1;
+    /// End-to-end integrity: every valid request's status descriptor is an 8-byte
+    /// [`super::integrity`] block carrying the CRC32C of the data as it is in the store.
+    pub const INTEGRITY: u64 = 1 << 2;
     /// Ring event index: `used_event` / `avail_event` suppress interrupts and doorbells
     /// (virtio's VIRTIO_RING_F_EVENT_IDX, same bit).
     pub const RING_EVENT_IDX: u64 = 1 << 29;
     /// This is a virtio 1.x-style device (virtio's VIRTIO_F_VERSION_1, same bit); the driver
     /// must accept it.
     pub const VERSION_1: u64 = 1 << 32;
+}
+
+/// The status block of a request when [`feature::INTEGRITY`] is negotiated: the status
+/// descriptor holds at least [`integrity::STATUS_LEN`] bytes; the device writes the status byte
+/// at offset 0, zeros at 1..4 and, at [`integrity::CRC`], the CRC32C (Castagnoli, the iSCSI and
+/// ext4 checksum; little-endian) of the request's data as it is in the store: what a READ read
+/// from it, what a WRITE stored, the ID a GET_ID wrote, nothing (CRC 0) for FLUSH or an error.
+/// The used element's `len` counts the 8 bytes. A driver that computes the CRC of its own
+/// buffers and compares detects corruption anywhere on the way between store and guest memory.
+pub mod integrity {
+    /// Bytes of the status block.
+    pub const STATUS_LEN: u32 = 8;
+    /// Offset of the little-endian CRC32C in the block.
+    pub const CRC: usize = 4;
 }
 
 /// Read-only device configuration at [`bar0::CONFIG`].

@@ -191,6 +191,9 @@ pub enum Malformed {
     /// The last descriptor is not a device-writable buffer of at least one byte.
     #[error("the last descriptor is not a device-writable status buffer")]
     BadStatus,
+    /// With INTEGRITY negotiated, the status buffer holds fewer than the status block's bytes.
+    #[error("the status buffer is shorter than the {0}-byte integrity status block")]
+    StatusBlock(u32),
     /// The header descriptor is not exactly 32 bytes.
     #[error("header descriptor is {0} bytes, not 32")]
     HeaderSize(u32),
@@ -557,6 +560,15 @@ pub fn parse_chain_counted<M: GuestMemoryBackend>(
     let Some(status) = status_addr else {
         return malformed(Malformed::BadStatus);
     };
+    if limits.features & abi::feature::INTEGRITY != 0 {
+        let block = abi::integrity::STATUS_LEN;
+        if descs
+            .last()
+            .is_none_or(|d| d.len < block || !in_ram(mem, d.addr, block))
+        {
+            return malformed(Malformed::StatusBlock(block));
+        }
+    }
 
     let (header_desc, rest) = match descs.split_first() {
         Some(split) => split,

@@ -14,12 +14,14 @@
 //! cancel, reset and removal, `chardev` the file operations.
 
 use kernel::{
+    debugfs,
     device::Core,
     dma::{Device as _, DmaMask},
+    fmt,
     irq::{self, IrqReturn},
     pci,
     prelude::*,
-    sync::Arc,
+    sync::{atomic::Relaxed, Arc},
 };
 
 // The ABI is shared with host code, where its items are public API (it allows dead code itself).
@@ -129,9 +131,27 @@ struct QueueIrq {
 
 impl irq::ThreadedHandler for QueueIrq {
     fn handle_threaded(&self) -> IrqReturn {
-        self.dev.complete_queue(self.index);
+        self.dev.complete_queue(self.index, dev::Reaper::Irq);
         IrqReturn::Handled
     }
+}
+
+/// The configuration-change interrupt (the vector after the queues'), raised by the device
+/// when it sets NEEDS_RESET: it only queues a recovery pass, so it runs as a hard handler.
+struct ConfigIrq {
+    dev: Arc<dev::AioDev>,
+}
+
+impl irq::Handler for ConfigIrq {
+    fn handle(&self) -> IrqReturn {
+        self.dev.config_interrupt();
+        IrqReturn::Handled
+    }
+}
+
+/// The debugfs `stats` file: every driver statistic, one `name: value` line each.
+fn show_stats(dev: &Arc<dev::AioDev>, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    dev.write_stats(f)
 }
 
 /// The device is live (DRIVER_OK on our rings) while this exists. Dropping it, on a probe
@@ -151,9 +171,12 @@ struct AiodmaData<'bound> {
     // their vectors.
     live: Live,
     irqs: KVec<Pin<KBox<irq::ThreadedRegistration<'bound, QueueIrq>>>>,
+    config_irq: Option<Pin<KBox<irq::Registration<'bound, ConfigIrq>>>>,
     #[pin]
     chardev: chardev::Chardev,
     vectors: KBox<pci::IrqVectorRegistration<'bound>>,
+    /// `/sys/kernel/debug/aiodmaN/stats`.
+    stats: Pin<KBox<debugfs::File<Arc<dev::AioDev>>>>,
     dev: Arc<dev::AioDev>,
     // After `chardev`: the name is free again only once the node is gone.
     name: NameSlot,
@@ -217,10 +240,12 @@ impl pci::Driver for AiodmaDriver {
             let (aio, size) = setup(pdev)?;
             let nq = aio.config.num_queues;
             let features = aio.features;
+            // One vector per queue, and one more for configuration changes if the device has it
+            // (without it the watchdog polls for NEEDS_RESET).
             let vectors = KBox::new(
                 pdev.alloc_irq_vectors(
                     u32::from(nq),
-                    u32::from(nq),
+                    u32::from(nq) + 1,
                     pci::IrqTypes::default().with(pci::IrqType::MsiX),
                 )?,
                 GFP_KERNEL,
@@ -247,9 +272,41 @@ impl pci::Driver for AiodmaDriver {
                 };
                 irqs.push(KBox::pin_init(reg, GFP_KERNEL)?, GFP_KERNEL)?;
             }
+            let config_irq = if vref.len() > usize::from(nq) {
+                let handler = ConfigIrq { dev: aio.clone() };
+                // SAFETY: the registration is stored in the driver data and dropped normally.
+                let reg = unsafe {
+                    irq::Registration::new(
+                        vref.index(usize::from(nq))?.into(),
+                        irq::Flags::TRIGGER_NONE,
+                        c"aiodma-config",
+                        Ok::<_, Error>(handler),
+                    )
+                };
+                let reg = KBox::pin_init(reg, GFP_KERNEL)?;
+                aio.config_vector.store(u32::from(nq), Relaxed);
+                Some(reg)
+            } else {
+                None
+            };
             let slot = NameSlot::claim()?;
-            hw::bring_up(aio.bar_access(pdev)?, features, &aio.queue_addrs()?)?;
+            let stats = KBox::pin_init(
+                debugfs::Dir::new(slot.name()).read_callback_file(
+                    c"stats",
+                    Ok::<_, Error>(aio.clone()),
+                    &show_stats,
+                ),
+                GFP_KERNEL,
+            )?;
+            // From here a failure stops the device (and the recovery works the configuration
+            // interrupt may have queued) before the rings go.
             let live = Live(aio.clone());
+            hw::bring_up(
+                aio.bar_access(pdev)?,
+                features,
+                &aio.queue_addrs()?,
+                aio.config_vector(),
+            )?;
             let name = slot.name();
             dev_info!(
                 pdev,
@@ -263,8 +320,10 @@ impl pci::Driver for AiodmaDriver {
             );
             Ok(try_pin_init!(AiodmaData {
                 irqs,
+                config_irq,
                 chardev <- chardev::Chardev::register(name, aio.clone()),
                 vectors,
+                stats,
                 name: slot,
                 // The watchdog starts last, when nothing can fail any more.
                 live: {

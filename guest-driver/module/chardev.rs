@@ -183,8 +183,9 @@ unsafe fn rw(kiocb: *mut bindings::kiocb, iter: *mut bindings::iov_iter, op: u32
 
 /// A synchronous transfer, in as many device requests as it takes: a request covers at most
 /// `MAX_REQUEST_BYTES`, and the caller sees one transfer. Signals do not cut it short (only a
-/// fatal one ends it); a short count comes back only at the end of the device or on an error
-/// after some progress.
+/// fatal one ends it); a short count comes back only at the end of the device, on an error
+/// after some progress, or when the device returned fewer bytes than a request asked for (the
+/// iterator went past them, so the transfer ends there).
 ///
 /// # Safety
 /// `iter` is the live iterator of this call.
@@ -198,12 +199,16 @@ unsafe fn rw_sync(
     let mut total = 0usize;
     loop {
         let pos = k.pos() + total as i64;
+        // SAFETY: `iter` is the live iterator of this call.
+        let before = unsafe { iter_len(iter) };
         // SAFETY: `iter` is the live iterator of this call; no kiocb is handed over.
         match unsafe { dev.submit(op, pos, Some(iter), None, flags) } {
             Ok(Submitted::Done(n)) => {
                 total += n;
                 // SAFETY: as above.
-                if n == 0 || unsafe { iter_len(iter) } == 0 {
+                let left = unsafe { iter_len(iter) };
+                // The request took `before - left` bytes of the iterator; fewer came back.
+                if n == 0 || left == 0 || n < before.saturating_sub(left) {
                     break;
                 }
             }

@@ -46,6 +46,7 @@ regs! {
     DRIVER_FEATURE: u32 = common_off(abi::common::DRIVER_FEATURE);
     /// Writing 0 resets the device.
     DEVICE_STATUS: u8 = common_off(abi::common::DEVICE_STATUS);
+    CONFIG_MSIX_VECTOR: u16 = common_off(abi::common::CONFIG_MSIX_VECTOR);
     QUEUE_SELECT: u16 = common_off(abi::common::QUEUE_SELECT);
     QUEUE_SIZE: u16 = common_off(abi::common::QUEUE_SIZE);
     QUEUE_MSIX_VECTOR: u16 = common_off(abi::common::QUEUE_MSIX_VECTOR);
@@ -186,11 +187,27 @@ pub(crate) fn setup_queue(bar: &Bar0<'_>, index: u16, q: &QueueAddrs) -> Result 
     Ok(())
 }
 
-/// Bring the device from reset (or from ACKNOWLEDGE|DRIVER) to DRIVER_OK with `features` and
-/// `queues` (queue *i* is `queues[i]`). Probe and the watchdog's re-initialisation both use it.
-pub(crate) fn bring_up(bar: &Bar0<'_>, features: u64, queues: &[QueueAddrs]) -> Result {
+/// Bring the device from reset (or from ACKNOWLEDGE|DRIVER) to DRIVER_OK with `features`,
+/// `queues` (queue *i* is `queues[i]`) and the configuration-change vector `config_vector`.
+/// Probe and the watchdog's re-initialisation both use it. A device that refuses the
+/// configuration vector still works: the watchdog polls for NEEDS_RESET.
+pub(crate) fn bring_up(
+    bar: &Bar0<'_>,
+    features: u64,
+    queues: &[QueueAddrs],
+    config_vector: Option<u16>,
+) -> Result {
     set_status(bar, abi::status::ACKNOWLEDGE | abi::status::DRIVER);
     negotiate(bar, features)?;
+    if let Some(v) = config_vector {
+        CONFIG_MSIX_VECTOR.write(bar, v);
+        if CONFIG_MSIX_VECTOR.read(bar) != v {
+            pr_info!(
+                "the device refused configuration vector {}: polling for NEEDS_RESET\n",
+                v
+            );
+        }
+    }
     for (i, q) in queues.iter().enumerate() {
         // CAST: the driver uses at most MAX_QUEUES (8) queues.
         setup_queue(bar, i as u16, q)?;

@@ -11,6 +11,7 @@ use kernel::{
 
 use crate::{
     abi,
+    dev::Stats,
     request::{Finished, Request, Waiter},
     ring::Ring,
     wait::KillableWait,
@@ -22,9 +23,59 @@ struct Part {
     request: u16,
     /// The request's generation: a late part of a failed request cannot touch its successor.
     generation: u32,
+    /// Where the part's data starts in the request (bytes).
+    at: usize,
     len: usize,
     op: u32,
 }
+
+/// How the device lied in its used ring. Any of these means the ring cannot be trusted any
+/// more: the queue stops being served and the device is reset (`recovery.rs`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Lie {
+    /// The used index moved more than the queue size past the last element seen.
+    IndexJump { seen: u16, now: u16 },
+    /// A used element names a head index outside the ring.
+    IdOutOfRange(u32),
+    /// A used element names a descriptor that heads no chain on the device.
+    NotInFlight(u16),
+    /// A used element names a head whose chain already came back (and was not published again).
+    Duplicate(u16),
+    /// A used element names a chain whose status byte the device never wrote (it still holds
+    /// the poison written at publication): the chain is not finished, whatever the element says.
+    NoStatus(u16),
+    /// A used element claims more bytes than the chain's device-writable buffers hold.
+    Overlong { head: u16, len: u32, max: usize },
+    /// A chain on the device belongs to no live request (driver bookkeeping out of step).
+    Stale(u16),
+}
+
+impl kernel::fmt::Display for Lie {
+    fn fmt(&self, f: &mut kernel::fmt::Formatter<'_>) -> kernel::fmt::Result {
+        match *self {
+            Lie::IndexJump { seen, now } => write!(
+                f,
+                "used index jumped from {seen} to {now}, more than the ring holds"
+            ),
+            Lie::IdOutOfRange(id) => write!(f, "id {id} is outside the ring"),
+            Lie::NotInFlight(h) => write!(f, "id {h} heads no chain on the device"),
+            Lie::Duplicate(h) => write!(f, "id {h} came back twice"),
+            Lie::NoStatus(h) => write!(
+                f,
+                "id {h} is not finished: its status byte was never written"
+            ),
+            Lie::Overlong { head, len, max } => write!(
+                f,
+                "id {head} claims {len} bytes written, its chain holds {max}"
+            ),
+            Lie::Stale(h) => write!(f, "id {h} belongs to no live request"),
+        }
+    }
+}
+
+/// Poison in a chain's status byte until the device writes it (`Ring::put_header`). A device
+/// status of 0xff is not one the device defines, so it is taken for a missing status.
+pub(crate) const STATUS_POISON: u8 = 0xff;
 
 pub(crate) struct QueueState {
     pub(crate) ring: Option<Ring>,
@@ -33,6 +84,12 @@ pub(crate) struct QueueState {
     /// Request slots.
     pub(crate) requests: KVec<Option<Request>>,
     generations: KVec<u32>,
+    /// Indexed by descriptor: the descriptor headed a chain that came back and has not been part
+    /// of a published chain since (tells a duplicate used element from an unknown one).
+    returned: KVec<bool>,
+    /// The device lied in this queue's used ring: nothing more is taken from it or published on
+    /// it until the device is reset (`forget_device`).
+    pub(crate) broken: bool,
     /// Descriptor indices of the chain being published (capacity: the ring size).
     chain: KVec<u16>,
     /// At most this many parts of one request on the device (half the ring's descriptors).
@@ -61,16 +118,20 @@ impl QueueState {
         let mut parts = KVec::with_capacity(size, GFP_KERNEL)?;
         let mut requests = KVec::with_capacity(size, GFP_KERNEL)?;
         let mut generations = KVec::with_capacity(size, GFP_KERNEL)?;
+        let mut returned = KVec::with_capacity(size, GFP_KERNEL)?;
         for _ in 0..size {
             parts.push(None, GFP_KERNEL)?;
             requests.push(None, GFP_KERNEL)?;
             generations.push(0, GFP_KERNEL)?;
+            returned.push(false, GFP_KERNEL)?;
         }
         Ok(QueueState {
             ring: Some(ring),
             parts,
             requests,
             generations,
+            returned,
+            broken: false,
             chain: KVec::with_capacity(size, GFP_KERNEL)?,
             part_limit,
             room_waiters: 0,
@@ -78,12 +139,14 @@ impl QueueState {
         })
     }
 
-    /// A free slot, if the ring has room for `first_wave` descriptors.
+    /// A free slot, if the ring has room for `first_wave` descriptors (never on a queue whose
+    /// device lied: the request would only fail at the reset).
     pub(crate) fn slot_with_room(&self, first_wave: usize) -> Option<usize> {
-        let room = self
-            .ring
-            .as_ref()
-            .is_some_and(|r| usize::from(r.num_free()) >= first_wave);
+        let room = !self.broken
+            && self
+                .ring
+                .as_ref()
+                .is_some_and(|r| usize::from(r.num_free()) >= first_wave);
         if room {
             self.requests.iter().position(Option::is_none)
         } else {
@@ -111,10 +174,14 @@ impl QueueState {
     /// Publish request `slot`'s next parts while the ring has room and the request stays
     /// within `part_limit` parts on the device. Returns whether the device needs a kick.
     pub(crate) fn publish_parts(&mut self, slot: usize) -> bool {
+        if self.broken {
+            return false;
+        }
         let QueueState {
             ring,
             parts,
             requests,
+            returned,
             chain,
             part_limit,
             last_progress,
@@ -160,10 +227,17 @@ impl QueueState {
             }
             let status_addr = ring.status_addr(head);
             ring.set_desc(chain, cut.count + 1, status_addr, 1, true);
+            for d in chain.iter() {
+                if let Some(r) = returned.get_mut(usize::from(*d)) {
+                    *r = false;
+                }
+            }
             // CAST: slot < ring size.
             parts[usize::from(head)] = Some(Part {
                 request: slot as u16,
                 generation: req.generation,
+                // CAST: the device offset of a part never precedes its request's start.
+                at: (req.next_offset - req.start) as usize,
                 len: cut.bytes,
                 op,
             });
@@ -185,37 +259,70 @@ impl QueueState {
         kick
     }
 
-    /// A part came back: fold its result into its request, publish the request's next parts,
-    /// or take it apart once settled. Returns whether the device needs a kick, and a finished
-    /// request to release outside the lock.
+    /// A used element came back for chain `id` with `used_len`: check it against what is on
+    /// the device, fold its result into its request, publish the request's next parts, or take
+    /// it apart once settled. Returns whether the device needs a kick and a finished request to
+    /// release outside the lock, or how the element lies (then nothing was touched).
     pub(crate) fn part_done(
         &mut self,
-        head: u16,
-        status: u8,
+        id: u32,
         used_len: u32,
-    ) -> (bool, Option<Finished>) {
-        let Some(part) = self.parts.get_mut(usize::from(head)).and_then(Option::take) else {
-            // A head we never published (or already saw): the device lies; ignore it, the
-            // request it might belong to times out.
-            return (false, None);
+        stats: &Stats,
+    ) -> Result<(bool, Option<Finished>), Lie> {
+        let Some(size) = self.ring.as_ref().map(Ring::size) else {
+            return Ok((false, None));
         };
+        let head = match u16::try_from(id) {
+            Ok(h) if h < size => h,
+            _ => return Err(Lie::IdOutOfRange(id)),
+        };
+        let i = usize::from(head);
+        let Some(part) = self.parts.get(i).copied().flatten() else {
+            return Err(if self.returned.get(i).copied().unwrap_or(false) {
+                Lie::Duplicate(head)
+            } else {
+                Lie::NotInFlight(head)
+            });
+        };
+        let status = self.ring.as_ref().map_or(STATUS_POISON, |r| r.status(head));
+        if status == STATUS_POISON {
+            return Err(Lie::NoStatus(head));
+        }
+        // The chain's device-writable bytes: the data of a READ, and the status byte.
+        let max = if part.op == abi::op::READ {
+            part.len + 1
+        } else {
+            1
+        };
+        if used_len as usize > max {
+            return Err(Lie::Overlong {
+                head,
+                len: used_len,
+                max,
+            });
+        }
+        let slot = usize::from(part.request);
+        if self.request_mut(slot, part.generation).is_none() {
+            return Err(Lie::Stale(head));
+        }
+        self.parts[i] = None;
+        self.returned[i] = true;
         if let Some(ring) = self.ring.as_mut() {
             ring.free_chain(head);
         }
         self.last_progress = Instant::now();
-        let slot = usize::from(part.request);
         let Some(req) = self.request_mut(slot, part.generation) else {
-            return (false, None);
+            return Ok((false, None));
         };
-        req.part_returned(part.op, part.len, status, used_len);
+        req.part_returned(part.op, part.at, part.len, status, used_len, stats);
         if req.wants_more() {
-            return (self.publish_parts(slot), None);
+            return Ok((self.publish_parts(slot), None));
         }
         if !req.settled() {
-            return (false, None);
+            return Ok((false, None));
         }
         let result = req.result();
-        (false, Finished::take(&mut self.requests, slot, result))
+        Ok((false, Finished::take(&mut self.requests, slot, result)))
     }
 
     /// After descriptors came back (or a request was abandoned): publish waiting parts of every
@@ -256,6 +363,10 @@ impl QueueState {
         for p in self.parts.iter_mut() {
             *p = None;
         }
+        for r in self.returned.iter_mut() {
+            *r = false;
+        }
+        self.broken = false;
         if let Some(ring) = self.ring.as_mut() {
             ring.reset();
         }

@@ -1,7 +1,12 @@
 // SPDX-License-Identifier: GPL-2.0
-//! Everything that is not the normal path: the watchdog (cancelled kiocbs, overdue parts,
-//! stalled queues, NEEDS_RESET), device reset and re-initialisation, failing what the device
-//! held, and removal.
+//! Everything that is not the normal path: the watchdog (completions whose interrupt was lost,
+//! cancelled kiocbs, overdue parts, stalled queues, NEEDS_RESET, used-ring lies), device reset
+//! and re-initialisation, failing what the device held, and removal.
+//!
+//! A *recovery pass* (`watchdog_tick`) runs every `WATCHDOG_MS` from the watchdog, and at once
+//! from the `urgent` work when the completion path caught the device lying in a used ring or
+//! the configuration interrupt fired (`schedule_recovery`). Passes hold `recovery`, so one at a
+//! time touches the device; unbind disables both works before it resets the device itself.
 
 use core::ffi::c_int;
 
@@ -17,7 +22,13 @@ use kernel::{
     workqueue::{self, WorkItem},
 };
 
-use crate::{abi, chardev::OpenFile, dev::AioDev, hw, kdebug, request::Waiter};
+use crate::{
+    abi,
+    chardev::OpenFile,
+    dev::{AioDev, Reaper},
+    hw, kdebug,
+    request::Waiter,
+};
 
 /// Watchdog period: timeouts and cancellations are noticed within this.
 const WATCHDOG_MS: u32 = 100;
@@ -42,9 +53,31 @@ impl AioDev {
         let _ = watchdog_queue().enqueue_delayed(self.clone(), msecs_to_jiffies(WATCHDOG_MS));
     }
 
-    /// Stop the watchdog for good: a running tick finishes, a pending one is cancelled, and it
-    /// can never be queued again (its re-arm fails and drops its reference).
+    /// Ask for a recovery pass now (any context, hard interrupts included): the `urgent` work
+    /// runs one unless it is queued already, or disabled by unbind.
+    pub(crate) fn schedule_recovery(self: &Arc<Self>) {
+        // An `Err` gives the reference back (already queued, or disabled): dropping it is all.
+        let _ = watchdog_queue().enqueue::<Arc<AioDev>, 1>(self.clone());
+    }
+
+    /// Stop the watchdog and the urgent recovery work for good: a running pass finishes, a
+    /// pending one is cancelled, and neither can be queued again (a re-arm or
+    /// `schedule_recovery` fails and drops its reference).
     pub(crate) fn stop_watchdog(&self) {
+        // SAFETY: `Work` is `#[repr(transparent)]` over the C `work_struct`, which lives as long
+        // as `self`.
+        let urgent_pending = unsafe {
+            bindings::disable_work_sync(
+                core::ptr::from_ref(&self.urgent)
+                    .cast::<bindings::work_struct>()
+                    .cast_mut(),
+            )
+        };
+        if urgent_pending {
+            // SAFETY: a pending work owned the reference `schedule_recovery` handed to the
+            // workqueue through `Arc::into_raw`; cancelling it makes it ours.
+            drop(unsafe { Arc::from_raw(core::ptr::from_ref(self)) });
+        }
         // SAFETY: `DelayedWork` is `#[repr(transparent)]` over the C `delayed_work`, which lives
         // as long as `self`.
         let was_pending = unsafe {
@@ -82,10 +115,16 @@ impl AioDev {
         }
     }
 
-    /// Periodic work: reap cancelled and abandoned requests that have nothing on the device,
-    /// publish parts waiting for room, and reset the device when a part is overdue (whoever
-    /// waits for it), a queue with waiters stopped moving, or the device asks for a reset.
-    fn watchdog_tick(&self) {
+    /// One recovery pass (`recovery` held): take what the device published (a completion whose
+    /// interrupt was lost costs at most one period, never a timeout), reap cancelled and
+    /// abandoned requests that have nothing on the device, publish parts waiting for room, and
+    /// reset the device when it lied in a used ring, asks for a reset (NEEDS_RESET: polled
+    /// while requests are out, read at once after a configuration interrupt), or a part is
+    /// overdue (whoever waits for it) or a queue with waiters stopped moving.
+    fn watchdog_tick(self: &Arc<Self>) {
+        for i in 0..self.queues.len() {
+            self.complete_queue(i, Reaper::Watchdog);
+        }
         let mut stalled = false;
         let mut busy = false;
         for q in self.queues.iter() {
@@ -103,14 +142,20 @@ impl AioDev {
             busy |= st.requests.iter().any(Option::is_some);
             stalled |= st.stalled(self.timeout_ms);
         }
-        // SAFETY: this is the watchdog.
-        let needs_reset = busy
+        let config_changed = self.config_changed.xchg(false, Full);
+        // SAFETY: this is a recovery pass.
+        let needs_reset = (busy || config_changed)
             && unsafe { self.bar_sleepable() }
                 .is_some_and(|bar| hw::status(bar) & abi::status::NEEDS_RESET != 0);
-        if stalled {
-            self.reset("request timeout");
+        if self.lied.load(Acquire) {
+            self.stats.resets_lie.fetch_add(1, Relaxed);
+            self.reset("a lie in a used ring");
         } else if needs_reset {
+            self.stats.resets_needs_reset.fetch_add(1, Relaxed);
             self.reset("device NEEDS_RESET");
+        } else if stalled {
+            self.stats.resets_timeout.fetch_add(1, Relaxed);
+            self.reset("request timeout");
         }
     }
 
@@ -157,16 +202,20 @@ impl AioDev {
         failed
     }
 
-    /// Reset the device, fail what it held, program it again and resume service. Watchdog only.
+    /// Reset the device, fail what it held, program it again and resume service. Recovery
+    /// passes only.
     fn reset(&self, why: &str) {
         self.resetting.store(true, Release);
-        // SAFETY: only the watchdog resets the device.
+        // SAFETY: only a recovery pass resets the device.
         if let Some(bar) = unsafe { self.bar_sleepable() } {
             if hw::reset(bar).is_err() {
                 self.dead.store(true, Release);
                 self.quarantine();
             }
             let failed = self.fail_all(ETIMEDOUT.to_errno() as isize, EIO.to_errno() as isize);
+            // Every ring is forgotten (and no queue `broken`): a lie seen before this point was
+            // about the old rings.
+            self.lied.store(false, Release);
             self.stats.resets.fetch_add(1, Relaxed);
             if !self.dead.load(Acquire) {
                 if let Err(e) = self.reprogram(bar) {
@@ -184,7 +233,12 @@ impl AioDev {
 
     /// Negotiate and program the queues again after a reset.
     fn reprogram(&self, bar: &hw::Bar0<'_>) -> Result {
-        hw::bring_up(bar, self.features, &self.queue_addrs()?)
+        hw::bring_up(
+            bar,
+            self.features,
+            &self.queue_addrs()?,
+            self.config_vector(),
+        )
     }
 
     /// The device is going away (unbind): stop the watchdog and the device, fail everything in
@@ -224,11 +278,27 @@ impl WorkItem for AioDev {
         if this.dead.load(Acquire) {
             return;
         }
-        this.watchdog_tick();
+        {
+            let _pass = this.recovery.lock();
+            this.watchdog_tick();
+        }
         if !this.dead.load(Acquire) {
             // Fails (and drops the reference) once `stop_watchdog` disabled the work.
             let _ = watchdog_queue().enqueue_delayed(this, msecs_to_jiffies(WATCHDOG_MS));
         }
+    }
+}
+
+/// The urgent recovery pass (`schedule_recovery`).
+impl WorkItem<1> for AioDev {
+    type Pointer = Arc<AioDev>;
+
+    fn run(this: Arc<AioDev>) {
+        if this.dead.load(Acquire) {
+            return;
+        }
+        let _pass = this.recovery.lock();
+        this.watchdog_tick();
     }
 }
 

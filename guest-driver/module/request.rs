@@ -16,9 +16,14 @@
 //! Everything here runs under the queue lock, so nothing here may sleep or drop a `Mapping` or
 //! a `PendingIocb`: those leave the lock inside a `Finished` and are released after unlocking.
 
-use kernel::{prelude::*, time::Instant, time::Monotonic};
+use kernel::{prelude::*, sync::atomic::Relaxed, time::Instant, time::Monotonic};
 
-use crate::{abi, dev::AioDev, iocb::PendingIocb, mapping::Mapping};
+use crate::{
+    abi,
+    dev::{AioDev, Stats},
+    iocb::PendingIocb,
+    mapping::Mapping,
+};
 
 /// Who waits for a request.
 pub(crate) enum Waiter {
@@ -60,6 +65,8 @@ pub(crate) struct Request {
     pub(crate) generation: u32,
     pub(crate) op: u32,
     pub(crate) len: usize,
+    /// Device offset of the request's first byte.
+    pub(crate) start: u64,
     /// Every part of the request, in device order; `cuts[next_cut..]` are not yet published.
     pub(crate) cuts: KVec<Cut>,
     pub(crate) next_cut: usize,
@@ -69,7 +76,9 @@ pub(crate) struct Request {
     pub(crate) in_flight: u16,
     /// Device-side results folded together: the first error wins.
     pub(crate) error: Option<isize>,
-    pub(crate) short: bool,
+    /// A READ part came back short: the request's data ends here (bytes from its start; the
+    /// least such end wins, so the caller only ever sees a prefix the device filled).
+    pub(crate) short_at: Option<usize>,
     pub(crate) mapping: Option<Mapping>,
     pub(crate) waiter: Waiter,
     /// When the request last made progress (a part published or returned): a part on the
@@ -86,6 +95,7 @@ impl Request {
     pub(crate) fn wants_more(&self) -> bool {
         self.next_cut < self.cuts.len()
             && self.error.is_none()
+            && self.short_at.is_none()
             && self.outcome.is_none()
             && !self.cancel_requested
             && matches!(self.waiter, Waiter::Async(_) | Waiter::Sync)
@@ -104,25 +114,54 @@ impl Request {
     }
 
     /// The result of a settled request: -ECANCELED once cancelled or abandoned, else what the
-    /// device said.
+    /// device said: an error, the bytes up to the first short READ part, or the whole length.
+    /// Never more than the request's length.
     pub(crate) fn result(&self) -> isize {
         if self.cancel_requested || matches!(self.waiter, Waiter::Gone) {
             return ECANCELED.to_errno() as isize;
         }
-        match (self.error, self.short) {
+        match (self.error, self.short_at) {
             (Some(e), _) => e,
-            (None, true) => EIO.to_errno() as isize,
-            (None, false) => self.len as isize,
+            // CAST: at most `len`, the size of a pinned buffer, which fits an isize.
+            (None, Some(at)) => at.min(self.len) as isize,
+            (None, None) => self.len as isize,
         }
     }
 
-    /// Fold in one returned part.
-    pub(crate) fn part_returned(&mut self, op: u32, len: usize, status: u8, used_len: u32) {
-        let res = status_to_result(status, len);
-        if res < 0 {
-            self.error.get_or_insert(res);
-        } else if op == abi::op::READ && (used_len as usize) < len + 1 {
-            self.short = true;
+    /// Fold in one returned part (`at`: where its `len` bytes start in the request). A READ
+    /// part whose used length (data + status byte) is shorter than asked ends the request's
+    /// data there; `part_done` has already refused lengths longer than the chain.
+    pub(crate) fn part_returned(
+        &mut self,
+        op: u32,
+        at: usize,
+        len: usize,
+        status: u8,
+        used_len: u32,
+        stats: &Stats,
+    ) {
+        match status_to_result(status) {
+            Err(e) => {
+                if status_is_unknown(status) {
+                    stats.bad_status.fetch_add(1, Relaxed);
+                    crate::kdebug!("req {}: unknown status {:#x}, -EIO\n", self.id, status);
+                }
+                self.error.get_or_insert(e);
+            }
+            Ok(()) if op == abi::op::READ && (used_len as usize) < len + 1 => {
+                stats.short_reads.fetch_add(1, Relaxed);
+                let got = (used_len as usize).saturating_sub(1);
+                crate::kdebug!(
+                    "req {}: short read part: {} of {} bytes at {}\n",
+                    self.id,
+                    got,
+                    len,
+                    at
+                );
+                let end = at + got;
+                self.short_at = Some(self.short_at.map_or(end, |s| s.min(end)));
+            }
+            Ok(()) => {}
         }
         self.in_flight = self.in_flight.saturating_sub(1);
         self.progress = Instant::now();
@@ -140,14 +179,28 @@ impl Request {
     }
 }
 
-fn status_to_result(status: u8, len: usize) -> isize {
-    match status {
-        abi::req_status::OK => len as isize,
-        abi::req_status::IOERR => EIO.to_errno() as isize,
-        abi::req_status::UNSUPP => EOPNOTSUPP.to_errno() as isize,
-        abi::req_status::MALFORMED => EINVAL.to_errno() as isize,
-        _ => EIO.to_errno() as isize,
-    }
+/// A part's status byte as a result: OK, or the error its request fails with. A status the
+/// device does not define is an I/O error.
+fn status_to_result(status: u8) -> core::result::Result<(), isize> {
+    let e = match status {
+        abi::req_status::OK => return Ok(()),
+        abi::req_status::IOERR => EIO,
+        abi::req_status::UNSUPP => EOPNOTSUPP,
+        abi::req_status::MALFORMED => EINVAL,
+        _ => EIO,
+    };
+    Err(e.to_errno() as isize)
+}
+
+/// Whether `status` is none of the codes the device defines (SPEC 6.1).
+fn status_is_unknown(status: u8) -> bool {
+    !matches!(
+        status,
+        abi::req_status::OK
+            | abi::req_status::IOERR
+            | abi::req_status::UNSUPP
+            | abi::req_status::MALFORMED
+    )
 }
 
 /// A finished request on its way out of the lock, to be released and completed outside it.

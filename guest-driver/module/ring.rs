@@ -13,7 +13,7 @@ use kernel::{
     transmute::{AsBytes, FromBytes},
 };
 
-use crate::abi;
+use crate::{abi, queue::Lie};
 
 /// Bytes per request slot: the 32-byte header, then the status byte.
 const SLOT_BYTES: usize = 64;
@@ -194,7 +194,7 @@ impl Ring {
         self.write(off + 24, h.length);
         self.write(off + 28, h.reserved);
         // Poison the status so a completion without a status byte is visible.
-        self.write::<u8>(off + STATUS_OFFSET, 0xff);
+        self.write::<u8>(off + STATUS_OFFSET, crate::queue::STATUS_POISON);
         self.mem.dma_address() + off as u64
     }
 
@@ -230,11 +230,19 @@ impl Ring {
         }
     }
 
-    /// The next completion: (head, bytes written by the device).
-    pub(crate) fn pop_used(&mut self) -> Option<(u16, u32)> {
+    /// The next completion: (head id as the device wrote it, bytes written by the device), or
+    /// `IndexJump` when the used index claims more new elements than the ring holds. The caller
+    /// checks the id and length against what it has on the device (`QueueState::part_done`).
+    pub(crate) fn pop_used(&mut self) -> Result<Option<(u32, u32)>, Lie> {
         let idx: u16 = self.read(self.used + 2);
         if idx == self.last_used {
-            return None;
+            return Ok(None);
+        }
+        if idx.wrapping_sub(self.last_used) > self.size {
+            return Err(Lie::IndexJump {
+                seen: self.last_used,
+                now: idx,
+            });
         }
         // The element must be read after the index that published it.
         dma_mb(barrier::Read);
@@ -242,10 +250,7 @@ impl Ring {
         let id: u32 = self.read(self.used + 4 + 8 * slot);
         let len: u32 = self.read(self.used + 4 + 8 * slot + 4);
         self.last_used = self.last_used.wrapping_add(1);
-        // A head index the driver never published is a device bug; clamp it into range and let
-        // the caller's bookkeeping reject it.
-        // CAST: masked to the ring size, which is a u16.
-        Some(((id & u32::from(self.size - 1)) as u16, len))
+        Ok(Some((id, len)))
     }
 
     /// Ask for an interrupt at the next completion. Returns true if completions arrived

@@ -255,12 +255,13 @@ impl AioDev {
                         generation: 0,
                         op: p.op,
                         len: p.len,
+                        start: p.start,
                         cuts: p.cuts,
                         next_cut: 0,
                         next_offset: p.start,
                         in_flight: 0,
                         error: None,
-                        short: false,
+                        short_at: None,
                         mapping: p.mapping,
                         waiter: if is_async {
                             Waiter::Arming

@@ -502,6 +502,10 @@ impl Uring {
 }
 
 impl Backend for Uring {
+    fn flip_stored_bits(&mut self, offset: u64, bits: &[u64]) -> io::Result<()> {
+        super::flip_file_bits(&self.file, offset, bits)
+    }
+
     fn name(&self) -> &'static str {
         "file (io_uring)"
     }
@@ -671,6 +675,10 @@ impl Store for FileStore {
 
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn flip_bits(&self, offset: u64, bits: &[u64]) -> io::Result<()> {
+        super::flip_file_bits(&self.file, offset, bits)
     }
 }
 

@@ -78,6 +78,19 @@ impl Store for MemStore {
     fn flush(&self) -> io::Result<()> {
         Ok(())
     }
+
+    fn flip_bits(&self, offset: u64, bits: &[u64]) -> io::Result<()> {
+        for &bit in bits {
+            let at = offset
+                .checked_add(bit / 8)
+                .and_then(|a| usize::try_from(a).ok())
+                .ok_or_else(|| to_io("offset overflow"))?;
+            let byte = self.region.get_slice(at, 1).map_err(to_io)?;
+            let v: u8 = vm_memory::Bytes::read_obj(&byte, 0).map_err(to_io)?;
+            vm_memory::Bytes::write_obj(&byte, v ^ (1 << (bit % 8)), 0).map_err(to_io)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

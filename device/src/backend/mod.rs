@@ -400,6 +400,25 @@ pub trait Backend {
 
     /// Clears the notifier and appends every finished job to `out`.
     fn reap(&mut self, out: &mut Vec<Completion>);
+
+    /// Flips the bits at `bits` (bit positions counted from store offset `offset`), at once:
+    /// a `corrupt` fault on a completed WRITE.
+    fn flip_stored_bits(&mut self, offset: u64, bits: &[u64]) -> io::Result<()>;
+}
+
+/// [`Backend::flip_stored_bits`] on a file: each byte read, flipped and written back.
+pub fn flip_file_bits(file: &std::fs::File, offset: u64, bits: &[u64]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    for &bit in bits {
+        let at = offset
+            .checked_add(bit / 8)
+            .ok_or_else(|| io::Error::other("offset overflow"))?;
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, at)?;
+        b[0] ^= 1 << (bit % 8);
+        file.write_all_at(&b, at)?;
+    }
+    Ok(())
 }
 
 /// Opens `backing` with `workers` threads for the pool-based engines. `inflight` counts jobs

@@ -34,6 +34,22 @@ pub trait Store: Send + Sync + 'static {
     fn write(&self, offset: u64, mem: &GuestMemoryMmap, segments: &[Segment]) -> io::Result<()>;
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
+
+    /// Flips the bits at `bits` (bit positions counted from `offset`) in the store: a
+    /// `corrupt` fault on a WRITE, after the write.
+    fn flip_bits(&self, offset: u64, bits: &[u64]) -> io::Result<()> {
+        let _ = (offset, bits);
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+}
+
+/// The pool's own reference to its store.
+struct StoreHandle(Arc<dyn Store>);
+
+impl std::fmt::Debug for StoreHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
 }
 
 /// Runs a job against a store.
@@ -69,6 +85,8 @@ fn lock_order(order: &Order) -> MutexGuard<'_, RangeLock<Queued>> {
 pub struct Pool {
     name: &'static str,
     capacity: u64,
+    /// For changes outside a job (a `corrupt` fault).
+    store: StoreHandle,
     jobs: Sender<Msg>,
     /// Kept so that jobs nobody will run can be counted out at drop.
     jobs_rx: Arc<Mutex<Receiver<Msg>>>,
@@ -94,6 +112,7 @@ impl Pool {
         let notifier = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(BackendError::EventFd)?);
         let capacity = store.capacity();
         let store = Arc::new(store);
+        let shared_store: Arc<dyn Store> = store.clone();
         let (jobs_tx, jobs_rx) = mpsc::channel::<Msg>();
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
         let (done_tx, done_rx) = mpsc::channel::<Completion>();
@@ -101,6 +120,7 @@ impl Pool {
         let mut pool = Pool {
             name,
             capacity,
+            store: StoreHandle(shared_store),
             jobs: jobs_tx.clone(),
             jobs_rx: jobs_rx.clone(),
             order: order.clone(),
@@ -230,6 +250,10 @@ impl Backend for Pool {
         };
         // Cannot fail: the pool itself holds a receiver.
         let _ = self.jobs.send(msg);
+    }
+
+    fn flip_stored_bits(&mut self, offset: u64, bits: &[u64]) -> io::Result<()> {
+        self.store.0.flip_bits(offset, bits)
     }
 
     fn reap(&mut self, out: &mut Vec<Completion>) {

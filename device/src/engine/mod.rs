@@ -318,6 +318,7 @@ impl std::fmt::Debug for Engine {
 /// Features the device offers.
 pub const DEVICE_FEATURES: u64 = abi::feature::FLUSH
     | abi::feature::GET_ID
+    | abi::feature::INTEGRITY
     | abi::feature::RING_EVENT_IDX
     | abi::feature::VERSION_1;
 

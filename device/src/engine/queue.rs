@@ -67,6 +67,8 @@ pub struct Done {
     pub status: Option<(GuestAddress, u8)>,
     /// How a fault makes the device lie about this completion.
     pub lie: UsedLie,
+    /// With INTEGRITY: the CRC32C that completes the 8-byte status block.
+    pub crc: Option<u32>,
 }
 
 /// A fault that makes the device misreport a completion in the used ring or its interrupt.
@@ -303,9 +305,19 @@ impl VQueue {
         let done = std::mem::take(&mut self.done);
         for d in &done {
             if let Some((addr, status)) = d.status {
-                // The address was checked to be in guest RAM when the request was parsed.
-                if let Err(e) = mem.write_obj(status, addr) {
-                    log::warn!("status byte at {:#x}: {e}", addr.0);
+                // The address (and with a CRC the whole 8-byte block) was checked to be in
+                // guest RAM when the request was parsed.
+                let written = match d.crc {
+                    None => mem.write_obj(status, addr),
+                    Some(crc) => {
+                        let mut block = [0u8; abi::integrity::STATUS_LEN as usize];
+                        block[0] = status;
+                        block[abi::integrity::CRC..].copy_from_slice(&crc.to_le_bytes());
+                        mem.write_slice(&block, addr)
+                    }
+                };
+                if let Err(e) = written {
+                    log::warn!("status at {:#x}: {e}", addr.0);
                 }
             }
             let mut head = d.head;

@@ -152,6 +152,7 @@ pub(crate) fn run(setup: Setup) {
         scheduled: vec![false; usize::from(options.queues)],
         pending: HashMap::new(),
         corrupting: HashMap::new(),
+        summed: HashMap::new(),
         delayed: BinaryHeap::new(),
         next_token: 1,
         inflight: 0,
@@ -240,14 +241,50 @@ struct InFlight {
     written: u32,
     /// How a fault makes the device misreport the completion.
     lie: UsedLie,
+    /// With INTEGRITY negotiated: the CRC32C of the data as in the store.
+    crc: Option<u32>,
 }
 
-/// Bits a `corrupt` fault flips in a READ's buffers once the backend has filled them
-/// (positions count from the start of the data).
+/// Bits a `corrupt` fault flips once the backend has moved the data (positions count from the
+/// start of the request's data).
 #[derive(Debug)]
-struct Corruption {
-    segments: Vec<Segment>,
-    flips: Vec<u64>,
+enum Corruption {
+    /// A READ: in the guest's buffers.
+    Guest(Vec<Segment>, Vec<u64>),
+    /// A WRITE: in the store, from this offset.
+    Stored(u64, Vec<u64>),
+}
+
+/// CRC32C of the data in guest memory at `segments`, with the bits at `flips` flipped (what a
+/// corrupted WRITE left in the store).
+fn data_crc(mem: &GuestMemoryMmap, segments: &[Segment], flips: &[u64]) -> u32 {
+    let mut crc = 0u32;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut pos = 0u64;
+    for seg in segments {
+        let mut done = 0u32;
+        while done < seg.len {
+            let n = (seg.len - done).min(buf.len() as u32) as usize;
+            let chunk = &mut buf[..n];
+            let read = seg
+                .addr
+                .checked_add(u64::from(done))
+                .map(|a| mem.read_slice(chunk, a));
+            if !matches!(read, Some(Ok(()))) {
+                // Checked to be in RAM when parsed; a failure here cannot match any CRC.
+                return !crc;
+            }
+            for &bit in flips {
+                if (pos..pos + n as u64).contains(&(bit / 8)) {
+                    chunk[(bit / 8 - pos) as usize] ^= 1 << (bit % 8);
+                }
+            }
+            crc = crc32c::crc32c_append(crc, chunk);
+            pos += n as u64;
+            done += n as u32;
+        }
+    }
+    crc
 }
 
 /// `req` with its data cut to the first `len` bytes.
@@ -358,6 +395,8 @@ struct DeviceLoop {
     pending: HashMap<u64, InFlight>,
     /// Corruptions to apply when the request with this token completes.
     corrupting: HashMap<u64, Corruption>,
+    /// With INTEGRITY: the data buffers of READs and WRITEs in the backend, for their CRC.
+    summed: HashMap<u64, Vec<Segment>>,
     delayed: BinaryHeap<Reverse<Delayed>>,
     next_token: u64,
     /// Requests taken from the queues and not yet published.
@@ -518,6 +557,7 @@ impl DeviceLoop {
         self.scheduled.fill(false);
         self.pending.clear();
         self.corrupting.clear();
+        self.summed.clear();
         self.delayed.clear();
         self.timer_deadline = None;
         let _ = self.timer.clear();
@@ -647,6 +687,7 @@ impl DeviceLoop {
                     status: r.reason.status(),
                     written: 0,
                     lie: UsedLie::None,
+                    crc: None,
                 };
                 self.deliver(rejected);
                 return;
@@ -665,6 +706,7 @@ impl DeviceLoop {
             status: abi::req_status::IOERR,
             written: 0,
             lie: UsedLie::None,
+            crc: (self.limits.features & abi::feature::INTEGRITY != 0).then_some(0),
         };
         let facts = RequestFacts {
             queue: qi,
@@ -728,9 +770,10 @@ impl DeviceLoop {
                 );
             }
             Decision::Corrupt { bits, seed } => {
-                let corruption = Corruption {
-                    segments: req.segments.clone(),
-                    flips: corrupt_positions(seed, bits, u64::from(req.length)),
+                let flips = corrupt_positions(seed, bits, u64::from(req.length));
+                let corruption = match req.op {
+                    Op::Write => Corruption::Stored(req.offset, flips),
+                    _ => Corruption::Guest(req.segments.clone(), flips),
                 };
                 self.corrupting.insert(self.next_token, corruption);
                 self.start(record, req);
@@ -751,7 +794,10 @@ impl DeviceLoop {
             Op::Flush => JobOp::Flush,
             Op::GetId => {
                 let done = if self.write_id(&req) {
-                    record.finished(abi::req_status::OK, ID_LEN)
+                    InFlight {
+                        crc: record.crc.map(|_| crc32c::crc32c(&self.id)),
+                        ..record.finished(abi::req_status::OK, ID_LEN)
+                    }
                 } else {
                     record.finished(abi::req_status::IOERR, 0)
                 };
@@ -762,6 +808,9 @@ impl DeviceLoop {
         let token = self.next_token;
         self.next_token += 1;
         self.pending.insert(token, record);
+        if record.crc.is_some() && job_op != JobOp::Flush {
+            self.summed.insert(token, req.segments.clone());
+        }
         self.backend.submit(Job {
             token,
             epoch: self.epoch,
@@ -792,12 +841,22 @@ impl DeviceLoop {
         self.backend.reap(&mut done);
         for c in done.drain(..) {
             let corruption = self.corrupting.remove(&c.token);
-            let Some(p) = self.pending.remove(&c.token) else {
+            let summed = self.summed.remove(&c.token);
+            let Some(mut p) = self.pending.remove(&c.token) else {
                 // A request from before a reset (or NEEDS_RESET): discarded.
                 continue;
             };
             let finished = match c.result {
                 Ok(()) => {
+                    // The CRC is of the data as in the store: a READ's before a fault flips
+                    // bits in the guest's copy, a WRITE's after one flipped bits in the store.
+                    let stored_flips = match &corruption {
+                        Some(Corruption::Stored(_, flips)) => flips.as_slice(),
+                        _ => &[],
+                    };
+                    if let (Some(_), Some(segments)) = (p.crc, &summed) {
+                        p.crc = Some(data_crc(&self.mem, segments, stored_flips));
+                    }
                     if let Some(corruption) = corruption {
                         self.corrupt(corruption);
                     }
@@ -829,16 +888,25 @@ impl DeviceLoop {
 
     /// Flips the bits a `corrupt` fault chose, after the backend moved the data.
     fn corrupt(&mut self, corruption: Corruption) {
-        for bit in corruption.flips {
-            let Some(addr) = data_address(&corruption.segments, bit / 8) else {
-                continue;
-            };
-            let flipped = self
-                .mem
-                .read_obj::<u8>(addr)
-                .and_then(|b| self.mem.write_obj(b ^ (1 << (bit % 8)), addr));
-            if let Err(e) = flipped {
-                warn!("fault: corrupt: guest byte at {:#x}: {e}", addr.0);
+        match corruption {
+            Corruption::Guest(segments, flips) => {
+                for bit in flips {
+                    let Some(addr) = data_address(&segments, bit / 8) else {
+                        continue;
+                    };
+                    let flipped = self
+                        .mem
+                        .read_obj::<u8>(addr)
+                        .and_then(|b| self.mem.write_obj(b ^ (1 << (bit % 8)), addr));
+                    if let Err(e) = flipped {
+                        warn!("fault: corrupt: guest byte at {:#x}: {e}", addr.0);
+                    }
+                }
+            }
+            Corruption::Stored(offset, flips) => {
+                if let Err(e) = self.backend.flip_stored_bits(offset, &flips) {
+                    warn!("fault: corrupt: the store at {offset:#x}: {e}");
+                }
             }
         }
     }
@@ -896,12 +964,17 @@ impl DeviceLoop {
         let Some(Some(q)) = self.queues.get_mut(usize::from(req.queue)) else {
             return;
         };
-        let len = req.written + u32::from(req.status_addr.is_some());
+        let status_len = match (req.status_addr, req.crc) {
+            (None, _) => 0,
+            (Some(_), None) => 1,
+            (Some(_), Some(_)) => abi::integrity::STATUS_LEN,
+        };
         q.complete(Done {
             head: req.head,
-            len,
+            len: req.written + status_len,
             status: req.status_addr.map(|a| (a, req.status)),
             lie: req.lie,
+            crc: req.crc,
         });
         let m = &self.shared.metrics;
         m.status(req.status);

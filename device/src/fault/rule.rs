@@ -33,8 +33,8 @@ pub enum FaultKind {
         /// Bytes transferred (capped at one less than the request's length).
         len: u32,
     },
-    /// READ: flip `bits` bits of the data in the guest's buffers after the transfer and report
-    /// success.
+    /// Flip `bits` bits of the data — a READ's in the guest's buffers after the transfer, a
+    /// WRITE's in the store after it — and report success.
     Corrupt {
         /// Bits flipped, at positions drawn from the fault PRNG.
         bits: u32,
@@ -96,11 +96,12 @@ impl FaultKind {
         }
     }
 
-    /// Whether the kind can apply to a request with `op`: `short` and `corrupt` change what a
-    /// READ returns, so they touch nothing else.
+    /// Whether the kind can apply to a request with `op`: `short` shortens what a READ returns,
+    /// `corrupt` changes data a READ or WRITE moves; neither touches FLUSH or GET_ID.
     pub fn applies_to(&self, op: Op) -> bool {
         match self {
-            FaultKind::Short { .. } | FaultKind::Corrupt { .. } => op == Op::Read,
+            FaultKind::Short { .. } => op == Op::Read,
+            FaultKind::Corrupt { .. } => matches!(op, Op::Read | Op::Write),
             _ => true,
         }
     }
@@ -690,7 +691,7 @@ mod tests {
             "hang:after=12,op=write",
             "status:p=0.1,code=7",
             "short:every=2,len=511",
-            "corrupt:every=5,bits=3,op=read,times=2",
+            "corrupt:every=5,bits=3,op=write,times=2",
             "reset:after=10,queue=0",
             "used-len:p=1,range=0..4096",
             "chaos:p=0.05",
@@ -731,7 +732,7 @@ mod tests {
         assert!(err("status:p=1,code=256").contains("bad count '256' for code"));
         assert!(err("short:p=1").contains("short needs len="));
         assert!(err("short:p=1,len=8,op=write").contains("short does not apply to write requests"));
-        assert!(err("corrupt:p=1,op=write").contains("corrupt does not apply to write requests"));
+        assert!(err("corrupt:p=1,op=flush").contains("corrupt does not apply to flush requests"));
         assert!(err("corrupt:p=1,bits=0").contains("bad count '0' for bits"));
         assert!(err("error:p=1,range=5..5").contains("bad range '5..5'"));
         assert!(err("error:p=1,range=1M").contains("bad range '1M'"));

@@ -20,9 +20,17 @@ const USAGE: &str = "\
 usage: aiodma-aio COMMAND [--dev PATH] [options]   (PATH defaults to /dev/aiodma0)
   info                      the driver's INFO ioctl
   verify [--engine sync|libaio|uring] [--qd N] [--requests N] [--seed N] [--unaligned]
-         [--vectored] [--fixed] [--direct] [--dsync] [--base BYTES] [--span BYTES] [--write-only|--read-only]
+         [--vectored] [--fixed] [--direct] [--dsync] [--base BYTES] [--span BYTES] [--bs BYTES]
+         [--write-only|--read-only] [--tolerate [--allow-corrupt]]
                             write seeded patterns, read them back and compare; --write-only
-                            and --read-only split the two phases (e.g. across boots)
+                            and --read-only split the two phases (e.g. across boots); --bs
+                            fixes the request size (else random multiples of 512);
+                            --tolerate (a faulty device): a request may fail or a read come
+                            back short, but each completes exactly once, never with more than
+                            asked, and the bytes it returned are right; failed writes are
+                            retried with pwrite before the reads; prints ok/short/failed counts,
+                            errnos, short lengths and the slowest request; --allow-corrupt
+                            reports wrong data (bad data: lines) instead of failing on it
   edge [--expect-eagain]    the file-semantics contract, one PASS/FAIL line per check;
                             --expect-eagain also needs EAGAIN from RWF_NOWAIT while the queue is
                             saturated (run under a delay fault)
@@ -131,6 +139,12 @@ struct Opts {
     base: u64,
     span: Option<u64>,
     phase: Phase,
+    /// Fixed request size.
+    bs: Option<u64>,
+    /// A faulty device: errors and short reads are counted, not fatal.
+    tolerate: bool,
+    /// With `tolerate`: wrong data is reported, not fatal.
+    allow_corrupt: bool,
 }
 
 fn parse_verify(a: &mut Args) -> Result<Opts, Usage> {
@@ -148,10 +162,16 @@ fn parse_verify(a: &mut Args) -> Result<Opts, Usage> {
         base: 0,
         span: None,
         phase: Phase::Both,
+        bs: None,
+        tolerate: false,
+        allow_corrupt: false,
     };
     while let Some(f) = a.next() {
         match f {
             "--dev" => o.dev = a.value(f)?.into(),
+            "--bs" => o.bs = Some(a.size(f)?),
+            "--tolerate" => o.tolerate = true,
+            "--allow-corrupt" => o.allow_corrupt = true,
             "--engine" => o.engine = Engine::parse(a.value(f)?).map_err(Usage)?,
             "--qd" => o.qd = a.num(f)?,
             "--requests" => o.requests = a.num(f)?,
@@ -173,10 +193,13 @@ fn parse_verify(a: &mut Args) -> Result<Opts, Usage> {
             "verify: --fixed needs --engine uring and no --vectored".into(),
         ));
     }
-    if o.qd == 0 || o.requests == 0 {
+    if o.qd == 0 || o.requests == 0 || o.bs == Some(0) {
         return Err(Usage(
-            "verify: --qd and --requests must be at least 1".into(),
+            "verify: --qd, --requests and --bs must be at least 1".into(),
         ));
+    }
+    if o.allow_corrupt && !o.tolerate {
+        return Err(Usage("verify: --allow-corrupt needs --tolerate".into()));
     }
     Ok(o)
 }
@@ -555,11 +578,62 @@ struct Job {
     iov: Vec<libc::iovec>,
 }
 
-fn run_jobs(fd: i32, o: &Opts, jobs: &mut [Job], write: bool) -> Result<(), String> {
+/// What each request of one phase returned (bytes or a negative errno) and how long it took
+/// from submission to completion.
+struct Record {
+    res: Vec<Option<i64>>,
+    latency: Vec<std::time::Duration>,
+}
+
+impl Record {
+    fn new(n: usize) -> Self {
+        Record {
+            res: vec![None; n],
+            latency: vec![std::time::Duration::ZERO; n],
+        }
+    }
+
+    /// Record request `i`'s completion. A second completion, or a count larger than asked,
+    /// fails whatever the mode; a result other than `want` fails unless `tolerate`.
+    fn complete(
+        &mut self,
+        i: usize,
+        res: i64,
+        want: i64,
+        since: std::time::Instant,
+        tolerate: bool,
+    ) -> Result<(), String> {
+        let slot = self
+            .res
+            .get_mut(i)
+            .ok_or_else(|| format!("completion for unknown request {i} (result {res})"))?;
+        if let Some(first) = slot {
+            return Err(format!(
+                "request {i}: completed twice (results {first} and {res})"
+            ));
+        }
+        *slot = Some(res);
+        self.latency[i] = since.elapsed();
+        if res > want {
+            return Err(format!(
+                "request {i}: result {res} is more than the {want} bytes asked"
+            ));
+        }
+        if res != want && !tolerate {
+            return Err(format!("request {i}: result {res} (expected {want})"));
+        }
+        Ok(())
+    }
+}
+
+fn run_jobs(fd: i32, o: &Opts, jobs: &mut [Job], write: bool) -> Result<Record, String> {
     let want = |j: &Job| j.buf.len as i64;
+    let mut rec = Record::new(jobs.len());
+    let mut started = vec![std::time::Instant::now(); jobs.len()];
     match o.engine {
         Engine::Sync => {
             for (i, j) in jobs.iter_mut().enumerate() {
+                started[i] = std::time::Instant::now();
                 let res = if write {
                     // SAFETY: the iovecs describe live memory of `j.buf`.
                     unsafe {
@@ -569,16 +643,21 @@ fn run_jobs(fd: i32, o: &Opts, jobs: &mut [Job], write: bool) -> Result<(), Stri
                     // SAFETY: as above, writable.
                     unsafe { libc::preadv(fd, j.iov.as_ptr(), j.iov.len() as i32, j.offset as i64) }
                 };
-                if res as i64 != want(j) {
-                    return Err(format!(
-                        "request {i}: {} at {} returned {res} ({})",
-                        if write { "write" } else { "read" },
-                        j.offset,
-                        std::io::Error::last_os_error()
-                    ));
-                }
+                let res = if res < 0 {
+                    let err = std::io::Error::last_os_error();
+                    if !o.tolerate {
+                        return Err(format!(
+                            "request {i}: {} at {} returned {res} ({err})",
+                            if write { "write" } else { "read" },
+                            j.offset,
+                        ));
+                    }
+                    -i64::from(err.raw_os_error().unwrap_or(libc::EIO))
+                } else {
+                    res as i64
+                };
+                rec.complete(i, res, want(j), started[i], o.tolerate)?;
             }
-            Ok(())
         }
         Engine::Libaio => {
             let ctx = aio::Context::new(o.qd as u32).map_err(|e| format!("io_setup: {e}"))?;
@@ -613,10 +692,14 @@ fn run_jobs(fd: i32, o: &Opts, jobs: &mut [Job], write: bool) -> Result<(), Stri
                         .iter_mut()
                         .map(|c| c as *mut aio::Iocb)
                         .collect();
+                    let now = std::time::Instant::now();
                     // SAFETY: the kernel copies each iocb at submission; the buffers in `jobs` belong to
                     // the caller and outlive `ctx`, whose drop (io_destroy) waits for in-flight requests.
                     let n =
                         unsafe { ctx.submit(&mut ptrs) }.map_err(|e| format!("io_submit: {e}"))?;
+                    for t in &mut started[next..next + n] {
+                        *t = now;
+                    }
                     next += n;
                     inflight += n;
                 }
@@ -629,19 +712,30 @@ fn run_jobs(fd: i32, o: &Opts, jobs: &mut [Job], write: bool) -> Result<(), Stri
                     ));
                 }
                 for ev in &events[..got] {
-                    let j = &jobs[ev.data as usize];
-                    if ev.res != want(j) {
-                        return Err(format!(
-                            "request {}: result {} (expected {})",
-                            ev.data,
-                            ev.res,
-                            want(j)
-                        ));
-                    }
+                    let i = ev.data as usize;
+                    let (w, t) = match (jobs.get(i), started.get(i)) {
+                        (Some(j), Some(t)) => (want(j), *t),
+                        _ => return Err(format!("event for unknown request {}", ev.data)),
+                    };
+                    rec.complete(i, ev.res, w, t, o.tolerate)?;
                 }
                 inflight -= got;
             }
-            Ok(())
+            if o.tolerate {
+                // Nothing may complete twice, not even late.
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                let stray = ctx
+                    .get_events(0, &mut events, Some(std::time::Duration::ZERO))
+                    .map_err(|e| format!("io_getevents: {e}"))?;
+                if let Some(ev) = events[..stray].first() {
+                    return Err(format!(
+                        "request {}: a stray completion (result {}) after all {} completed",
+                        ev.data,
+                        ev.res,
+                        jobs.len()
+                    ));
+                }
+            }
         }
         Engine::Uring => {
             use io_uring::{opcode, types, IoUring};
@@ -710,6 +804,7 @@ fn run_jobs(fd: i32, o: &Opts, jobs: &mut [Job], write: bool) -> Result<(), Stri
                     if unsafe { ring.submission().push(&sqe.user_data(next as u64)) }.is_err() {
                         break;
                     }
+                    started[next] = std::time::Instant::now();
                     next += 1;
                     inflight += 1;
                 }
@@ -720,19 +815,103 @@ fn run_jobs(fd: i32, o: &Opts, jobs: &mut [Job], write: bool) -> Result<(), Stri
                     .map(|c| (c.user_data(), c.result()))
                     .collect();
                 for (data, res) in cqes {
-                    let j = &jobs[data as usize];
-                    if i64::from(res) != want(j) {
-                        return Err(format!(
-                            "request {data}: result {res} (expected {})",
-                            want(j)
-                        ));
-                    }
+                    let i = data as usize;
+                    let (w, t) = match (jobs.get(i), started.get(i)) {
+                        (Some(j), Some(t)) => (want(j), *t),
+                        _ => return Err(format!("completion for unknown request {data}")),
+                    };
+                    rec.complete(i, i64::from(res), w, t, o.tolerate)?;
                     inflight -= 1;
                 }
             }
-            Ok(())
+            if o.tolerate {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                ring.submit().map_err(|e| format!("io_uring_enter: {e}"))?;
+                if let Some(c) = ring.completion().next() {
+                    return Err(format!(
+                        "request {}: a stray completion (result {}) after all {} completed",
+                        c.user_data(),
+                        c.result(),
+                        jobs.len()
+                    ));
+                }
+            }
         }
     }
+    Ok(rec)
+}
+
+/// `--tolerate`: what the requests of a run came to.
+#[derive(Default)]
+struct Tally {
+    ok: u64,
+    short: u64,
+    failed: u64,
+    /// errno -> count.
+    errnos: std::collections::BTreeMap<i64, u64>,
+    /// Lengths the short reads returned -> count.
+    short_lens: std::collections::BTreeMap<i64, u64>,
+    rewrites: u64,
+    bad_data: u64,
+    slowest: std::time::Duration,
+}
+
+impl Tally {
+    fn add(&mut self, res: i64, want: i64, latency: std::time::Duration) {
+        self.slowest = self.slowest.max(latency);
+        if res == want {
+            self.ok += 1;
+        } else if res < 0 {
+            self.failed += 1;
+            *self.errnos.entry(-res).or_default() += 1;
+        } else {
+            self.short += 1;
+            *self.short_lens.entry(res).or_default() += 1;
+        }
+    }
+
+    fn line(&self) -> String {
+        let join = |m: &std::collections::BTreeMap<i64, u64>| {
+            if m.is_empty() {
+                "none".to_string()
+            } else {
+                m.iter()
+                    .map(|(k, v)| format!("{k}x{v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
+        };
+        format!(
+            " ok={} short={} failed={} errnos={} short_lens={} rewrites={} bad_data={} max_ms={}",
+            self.ok,
+            self.short,
+            self.failed,
+            join(&self.errnos),
+            join(&self.short_lens),
+            self.rewrites,
+            self.bad_data,
+            self.slowest.as_millis()
+        )
+    }
+}
+
+/// `--tolerate`: write `j` again with pwritev until it succeeds in full (each attempt is one
+/// more request to the faulty device). Returns the number of attempts.
+fn rewrite(fd: i32, i: usize, j: &Job) -> Result<u64, String> {
+    for attempt in 1..=64u64 {
+        // SAFETY: the iovecs describe live memory of `j.buf`.
+        let res = unsafe { libc::pwritev(fd, j.iov.as_ptr(), j.iov.len() as i32, j.offset as i64) };
+        if res as i64 == j.buf.len as i64 {
+            return Ok(attempt);
+        }
+        if res > j.buf.len as isize {
+            return Err(format!(
+                "request {i}: rewrite returned {res}, more than the {} bytes asked",
+                j.buf.len
+            ));
+        }
+    }
+    Err(format!("request {i}: the write failed 64 times over"))
 }
 
 fn verify(o: &Opts) -> Result<String, String> {
@@ -751,6 +930,14 @@ fn verify(o: &Opts) -> Result<String, String> {
             o.requests
         ));
     }
+    if let Some(bs) = o.bs {
+        if bs + if o.unaligned { 511 } else { 0 } > slot {
+            return Err(format!(
+                "--bs {bs} does not fit the {slot}-byte slot of each of {} requests",
+                o.requests
+            ));
+        }
+    }
     let mut rng = Rng(o.seed);
     let mut jobs: Vec<Job> = (0..o.requests)
         .map(|i| {
@@ -759,10 +946,10 @@ fn verify(o: &Opts) -> Result<String, String> {
             } else {
                 0
             };
-            let len = if o.unaligned {
-                1 + rng.below(slot - misalign as u64) as usize
-            } else {
-                512 * (1 + rng.below(slot / 512)) as usize
+            let len = match o.bs {
+                Some(bs) => bs as usize,
+                None if o.unaligned => 1 + rng.below(slot - misalign as u64) as usize,
+                None => 512 * (1 + rng.below(slot / 512)) as usize,
             };
             let offset = o.base + i as u64 * slot + misalign as u64;
             let mut buf = Buf::new(len, misalign);
@@ -774,34 +961,54 @@ fn verify(o: &Opts) -> Result<String, String> {
         })
         .collect();
     let started = std::time::Instant::now();
+    let mut tally = Tally::default();
     if o.phase != Phase::ReadOnly {
-        run_jobs(fd, o, &mut jobs, true)?;
+        let rec = run_jobs(fd, o, &mut jobs, true)?;
+        for (i, j) in jobs.iter().enumerate() {
+            let want = j.buf.len as i64;
+            let res = rec.res[i].ok_or_else(|| format!("request {i}: never completed"))?;
+            tally.add(res, want, rec.latency[i]);
+            if res >= 0 && res < want {
+                // The device never shortens a write: a short count is the driver's invention.
+                return Err(format!("request {i}: write returned {res} of {want} bytes"));
+            }
+            if res != want {
+                tally.rewrites += rewrite(fd, i, j)?;
+            }
+        }
     }
+    let mut reads = None;
     if o.phase != Phase::WriteOnly {
         for j in &mut jobs {
             j.buf.bytes_mut().fill(0);
         }
-        run_jobs(fd, o, &mut jobs, false)?;
+        reads = Some(run_jobs(fd, o, &mut jobs, false)?);
     }
     let elapsed = started.elapsed();
     let mut bytes = 0u64;
     for (i, j) in jobs.iter().enumerate() {
         bytes += j.buf.len as u64;
-        if o.phase == Phase::WriteOnly {
-            continue;
-        }
-        if let Some(k) = j
-            .buf
-            .bytes()
+        let Some(rec) = reads.as_ref() else { continue };
+        let want = j.buf.len as i64;
+        let res = rec.res[i].ok_or_else(|| format!("request {i}: never completed"))?;
+        tally.add(res, want, rec.latency[i]);
+        // Only the bytes the read returned are the device's; the rest stay zero-filled.
+        let got = res.clamp(0, want) as usize;
+        if let Some(k) = j.buf.bytes()[..got]
             .iter()
             .enumerate()
             .position(|(k, b)| *b != pattern(o.seed, j.offset + k as u64))
         {
-            return Err(format!(
-                "request {i}: mismatch at byte {k} of {} (offset {})",
+            let msg = format!(
+                "request {i}: mismatch at byte {k} of {} (offset {}, {got} bytes returned)",
                 j.buf.len,
                 j.offset + k as u64
-            ));
+            );
+            if !o.allow_corrupt {
+                return Err(msg);
+            }
+            println!("verify: bad data: {msg}");
+            tally.bad_data += 1;
         }
     }
     let phase = match o.phase {
@@ -810,11 +1017,43 @@ fn verify(o: &Opts) -> Result<String, String> {
         Phase::ReadOnly => " phase=read-only",
     };
     Ok(format!(
-        "verify: engine={:?} qd={} requests={} bytes={} unaligned={} vectored={} direct={}{}{}{phase} time={:.1}ms: OK",
+        "verify: engine={:?} qd={} requests={} bytes={} unaligned={} vectored={} direct={}{}{}{phase}{} time={:.1}ms: OK",
         o.engine, o.qd, o.requests, bytes, o.unaligned, o.vectored, o.direct,
         if o.fixed { " fixed=true" } else { "" },
-        if o.dsync { " dsync=true" } else { "" }, elapsed.as_secs_f64() * 1000.0
+        if o.dsync { " dsync=true" } else { "" },
+        if o.tolerate { tally.line() } else { String::new() },
+        elapsed.as_secs_f64() * 1000.0
     ).to_lowercase())
+}
+
+/// The driver's statistics beyond the INFO ioctl's (`/sys/kernel/debug/aiodmaN/stats`: how
+/// the device misbehaved and what the driver did), as `name: value` lines after the INFO dump;
+/// empty without debugfs.
+fn debugfs_stats(dev: &str) -> String {
+    const IN_INFO: [&str; 8] = [
+        "submitted",
+        "async_completions",
+        "sync_completions",
+        "errors",
+        "bytes",
+        "timeouts",
+        "cancels",
+        "resets",
+    ];
+    let name = dev.rsplit('/').next().unwrap_or(dev);
+    let path = format!("/sys/kernel/debug/{name}/stats");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return String::new();
+    };
+    let mut out = format!("\ndriver statistics ({path}):");
+    for line in text.lines() {
+        let key = line.split(':').next().unwrap_or("");
+        if !IN_INFO.contains(&key) {
+            out.push_str("\n    ");
+            out.push_str(line);
+        }
+    }
+    out
 }
 
 /// What a subcommand produced: a line to print on success, or whether its own report passed.
@@ -838,7 +1077,7 @@ fn dispatch(args: &[String]) -> Result<Result<Done, String>, Usage> {
             std::fs::File::open(&dev)
                 .map_err(|e| format!("open {dev}: {e}"))
                 .and_then(|f| device_info(f.as_raw_fd()))
-                .map(|i| Done::Line(format!("{i:#?}")))
+                .map(|i| Done::Line(format!("{i:#?}{}", debugfs_stats(&dev))))
         }
         "verify" => verify(&parse_verify(&mut a)?).map(Done::Line),
         "edge" => edge::run(&parse_edge(&mut a)?).map(Done::Passed),
