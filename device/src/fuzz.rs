@@ -118,7 +118,13 @@ pub fn fuzz_queue(
             return Err(format!("head {head} handed out twice while in flight"));
         }
         *flag = true;
-        q.complete(Done { head, len, status });
+        q.complete(Done {
+            head,
+            len,
+            status,
+            lie: crate::engine::queue::UsedLie::None,
+            crc: None,
+        });
         // Publish every other round, so some heads stay in flight across pops.
         if round % 2 == 1 {
             if q.publish(mem).is_err() {
