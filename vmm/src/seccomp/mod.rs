@@ -2,14 +2,15 @@
 //!
 //! Each thread installs its own filter once it is set up and before it handles anything the
 //! guest controls: vCPU threads first thing, the device thread after opening its backend and
-//! event loop, backend pool workers first thing, the main thread after starting the vCPUs.
+//! event loop, backend pool workers first thing, the main thread after starting the vCPUs, the
+//! API thread (`--api-sock`) once its runtime and socket are set up.
 //! Installation order keeps filters from stacking: every thread is spawned by a thread that
 //! is not filtered yet. A filter allows the system calls of [`rules`] for its kind; anything
 //! else is trapped (`on`: SIGSYS, whose handler in [`sigsys`] names the thread and the call and
 //! exits with [`EXIT_SECCOMP`](crate::exit::EXIT_SECCOMP)) or logged by the kernel's audit
 //! (`log`: `SECCOMP_RET_LOG`, then allowed).
 //!
-//! `AIODMA_SECCOMP_SELFTEST=vcpu|device|backend-worker|main` makes the first thread of that
+//! `AIODMA_SECCOMP_SELFTEST=vcpu|device|backend-worker|main|api` makes the first thread of that
 //! kind make one forbidden system call right after its filter is in, which proves end to end
 //! that the filter and the handler work (the integration tests use it). It cannot weaken a
 //! filter: its only effect is that the process stops.
@@ -98,15 +99,18 @@ pub enum ThreadKind {
     BackendWorker,
     /// `main`: the VMM's event loop, metrics, terminal.
     Main,
+    /// `aiodma-api`: the runtime-control API (`--api-sock`).
+    Api,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 4] = [
+    pub const ALL: [ThreadKind; 5] = [
         ThreadKind::Vcpu,
         ThreadKind::Device,
         ThreadKind::BackendWorker,
         ThreadKind::Main,
+        ThreadKind::Api,
     ];
 
     fn index(self) -> usize {
@@ -115,6 +119,7 @@ impl ThreadKind {
             ThreadKind::Device => 1,
             ThreadKind::BackendWorker => 2,
             ThreadKind::Main => 3,
+            ThreadKind::Api => 4,
         }
     }
 
@@ -130,6 +135,7 @@ impl std::fmt::Display for ThreadKind {
             ThreadKind::Device => "device",
             ThreadKind::BackendWorker => "backend-worker",
             ThreadKind::Main => "main",
+            ThreadKind::Api => "api",
         })
     }
 }

@@ -173,6 +173,26 @@ pub(crate) fn rules(kind: ThreadKind, pid: u32) -> Result<RuleMap, SeccompError>
             ]);
             r.allow_ioctls(&[libc::TCSETS, libc::TCSETSW, libc::TCSETSF])?;
         }
+        // The API's event loop (tokio, current thread): accepting connections on the socket
+        // (registered and deregistered with epoll as they come and go), HTTP over them (or
+        // over the emulated host's virtio-serial port), the runtime's eventfd waker, and at
+        // the end removing the socket file (checked first, so another file there is left).
+        // Debug builds of std check that a descriptor is open before closing it (F_GETFD).
+        ThreadKind::Api => {
+            r.allow_if(libc::SYS_fcntl, vec![arg_eq32(1, libc::F_GETFD as u64)?]);
+            r.allow(&[
+                libc::SYS_read,
+                libc::SYS_writev,
+                libc::SYS_recvfrom,
+                libc::SYS_accept4,
+                libc::SYS_shutdown,
+                libc::SYS_epoll_wait,
+                libc::SYS_epoll_pwait,
+                libc::SYS_epoll_ctl,
+                libc::SYS_statx,
+                libc::SYS_unlink,
+            ]);
+        }
     }
     Ok(r.0)
 }
@@ -217,6 +237,7 @@ mod tests {
             ThreadKind::Vcpu,
             ThreadKind::Device,
             ThreadKind::BackendWorker,
+            ThreadKind::Api,
         ] {
             let map = rules(kind, 1).unwrap();
             for nr in [
