@@ -158,8 +158,9 @@ pub(crate) fn rules(kind: ThreadKind, pid: u32) -> Result<RuleMap, SeccompError>
             libc::SYS_fdatasync,
         ]),
         // The event loop (stop eventfd, terminal input, which it stops watching at EOF,
-        // SIGUSR1's signalfd, the timeout), the metrics file (written to a temporary name,
-        // then renamed; /proc/self/status and mincore measure memory), restoring the terminal.
+        // SIGUSR1's signalfd, the timeout), the metrics file (written to a new temporary
+        // file, synced, renamed over the target, removed if that fails; /proc/self/status and
+        // mincore measure memory), restoring the terminal.
         ThreadKind::Main => {
             r.allow(&[
                 libc::SYS_read,
@@ -167,7 +168,9 @@ pub(crate) fn rules(kind: ThreadKind, pid: u32) -> Result<RuleMap, SeccompError>
                 libc::SYS_epoll_pwait,
                 libc::SYS_epoll_ctl,
                 libc::SYS_openat,
+                libc::SYS_fsync,
                 libc::SYS_rename,
+                libc::SYS_unlink,
                 libc::SYS_statx,
                 libc::SYS_mincore,
             ]);
