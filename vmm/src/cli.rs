@@ -68,6 +68,64 @@ pub enum Command {
     /// Benchmarks that print a table.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Control a running VM through its `run --api-sock` socket: fault rules, reset, hang,
+    /// pause and resume, metrics. Prints the answer (JSON); a refused request prints the
+    /// reason on stderr and exits 1.
+    Ctl(CtlArgs),
+}
+
+/// `aiodma ctl` flags.
+#[derive(Debug, Clone, Args)]
+pub struct CtlArgs {
+    /// The socket of `aiodma run --api-sock PATH`.
+    #[arg(long, value_name = "PATH", env = "AIODMA_API_SOCK")]
+    pub sock: PathBuf,
+
+    /// Give up after SECS seconds without an answer.
+    #[arg(long, value_name = "SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub timeout: u64,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// `aiodma ctl` commands.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum CtlCommand {
+    /// Fault rules.
+    #[command(subcommand)]
+    Fault(FaultCommand),
+    /// Make the device ask its driver for a reset (NEEDS_RESET and a configuration interrupt).
+    Reset,
+    /// Make the device hang: nothing completes until the driver resets it.
+    Hang,
+    /// Stop taking and completing requests (in flight ones wait) until `resume`.
+    Pause,
+    /// Undo `pause`.
+    Resume,
+    /// The device's counters (JSON, as `run --metrics` writes under "device").
+    Metrics,
+}
+
+/// `aiodma ctl fault` commands.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum FaultCommand {
+    /// Append a rule in `--fault` syntax, e.g. 'error:every=1,op=write'; prints its index.
+    Add {
+        /// KIND:key=val,...
+        rule: String,
+    },
+    /// The rules in force, in order.
+    List,
+    /// Remove rule N (as numbered by `list`, from 0; later rules move up).
+    Rm {
+        /// The rule's index.
+        index: usize,
+    },
+    /// Remove every rule.
+    Clear,
 }
 
 /// `aiodma bench` subcommands.
@@ -181,6 +239,13 @@ pub struct RunArgs {
     /// the emulated host it is shared read-write automatically.
     #[arg(long, value_name = "PATH")]
     pub metrics: Option<PathBuf>,
+
+    /// Serve the runtime-control API (HTTP/JSON, see `aiodma ctl`) on a Unix socket at PATH
+    /// while the VM runs; the file is removed at exit. A stale socket there (nobody listening)
+    /// is replaced, a live one is an error (exit 2). In the emulated host this process listens
+    /// at PATH and relays to the VMM inside.
+    #[arg(long, value_name = "PATH", conflicts_with = "no_device")]
+    pub api_sock: Option<PathBuf>,
 
     /// Where KVM comes from: this machine's (kvm), an emulated KVM-capable host run under
     /// QEMU (emulated), or decide by probing this machine's KVM (auto).
@@ -425,5 +490,71 @@ mod tests {
             let err = parse(bad).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{bad:?}");
         }
+    }
+
+    fn ctl(args: &[&str]) -> Result<CtlArgs, clap::Error> {
+        let argv: Vec<&str> = ["ctl", "--sock", "/s"]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        match parse(&argv)?.command {
+            Command::Ctl(args) => Ok(args),
+            other => panic!("expected ctl, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ctl_commands_and_usage_errors() {
+        let a = ctl(&["fault", "add", "error:every=1,op=write"]).unwrap();
+        assert_eq!(a.sock, PathBuf::from("/s"));
+        assert_eq!(a.timeout, 30);
+        assert_eq!(
+            a.command,
+            CtlCommand::Fault(FaultCommand::Add {
+                rule: "error:every=1,op=write".into()
+            })
+        );
+        assert_eq!(
+            ctl(&["fault", "rm", "2"]).unwrap().command,
+            CtlCommand::Fault(FaultCommand::Rm { index: 2 })
+        );
+        for (word, cmd) in [
+            ("reset", CtlCommand::Reset),
+            ("hang", CtlCommand::Hang),
+            ("pause", CtlCommand::Pause),
+            ("resume", CtlCommand::Resume),
+            ("metrics", CtlCommand::Metrics),
+        ] {
+            assert_eq!(ctl(&[word]).unwrap().command, cmd);
+        }
+        assert_eq!(
+            ctl(&["--timeout", "5", "fault", "list"]).unwrap().timeout,
+            5
+        );
+        for bad in [
+            &["fault", "rm", "x"][..],
+            &["fault", "rm", "-1"],
+            &["fault", "add"],
+            &["fault"],
+            &["explode"],
+            &[],
+            &["--timeout", "0", "reset"],
+        ] {
+            assert_eq!(ctl(bad).unwrap_err().exit_code(), 2, "{bad:?}");
+        }
+        if std::env::var_os("AIODMA_API_SOCK").is_none() {
+            assert_eq!(parse(&["ctl", "reset"]).unwrap_err().exit_code(), 2);
+        }
+    }
+
+    #[test]
+    fn api_sock_needs_the_device() {
+        assert_eq!(
+            run_args(&["--api-sock", "/tmp/a.sock"]).api_sock,
+            Some(PathBuf::from("/tmp/a.sock"))
+        );
+        assert_eq!(run_args(&[]).api_sock, None);
+        let err = parse(&["run", "--api-sock", "/a", "--no-device"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
     }
 }

@@ -81,6 +81,8 @@ pub struct VmConfig {
     pub interactive: bool,
     /// Where to write the run's metrics (absolute).
     pub metrics: Option<PathBuf>,
+    /// Where to serve the runtime-control API (`--api-sock`).
+    pub api_sock: Option<PathBuf>,
     /// The DMA device, unless `--no-device`.
     pub device: Option<DeviceSpec>,
     /// System call filters (`--seccomp`).
@@ -312,6 +314,7 @@ impl VmConfig {
             hide_xsave: std::env::var_os(crate::host::IN_EMULATED_HOST_ENV).is_some(),
             interactive: args.command.is_empty(),
             metrics,
+            api_sock: args.api_sock.clone(),
             device: DeviceSpec::from_args(args)?,
             seccomp: args.seccomp,
         })

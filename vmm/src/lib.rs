@@ -6,7 +6,9 @@
 //! - `vmm`: builds and runs a VM; `exit`: why it stopped and the exit code
 //! - `bench`: benchmarks that print a table (boot time and memory next to QEMU)
 //! - `seccomp`: system call filters per thread kind (`--seccomp`)
+//! - `api`: the runtime-control API (`run --api-sock`, `ctl`)
 
+pub mod api;
 pub mod arch;
 pub mod bench;
 pub mod cli;

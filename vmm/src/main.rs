@@ -6,8 +6,11 @@ use std::time::Instant;
 
 use clap::Parser;
 
+use aiodma_vmm::api::client::{self, ApiCall};
 use aiodma_vmm::bench::{self, BootBench};
-use aiodma_vmm::cli::{BenchCommand, BootBenchArgs, Cli, Command, HostMode, PeerArgs, RunArgs};
+use aiodma_vmm::cli::{
+    BenchCommand, BootBenchArgs, Cli, Command, CtlArgs, HostMode, PeerArgs, RunArgs,
+};
 use aiodma_vmm::config::{build_cmdline, images_dir, VmConfig};
 use aiodma_vmm::exit::{StopReason, EXIT_BAD_INPUT, EXIT_KVM_FAILURE};
 use aiodma_vmm::host::{self, emulated, KvmVerdict};
@@ -33,12 +36,14 @@ fn init_logging(level: log::LevelFilter) {
 /// Run `direct` on this machine's KVM, or this whole command line inside the emulated host,
 /// as `--host` and the KVM probe decide.
 /// `writable`: host directories the inner run writes to (shared read-write in the emulated host).
+/// `api_sock`: the run's `--api-sock`, which level 0 serves and relays in the emulated host.
 fn on_host(
     mode: HostMode,
     guest_memory_mib: u64,
     interactive: bool,
     writable: Vec<std::path::PathBuf>,
     timeout: Option<std::time::Duration>,
+    api_sock: Option<std::path::PathBuf>,
     direct: impl FnOnce() -> u8,
 ) -> u8 {
     // Inside the emulated host KVM is real by construction: never recurse.
@@ -73,6 +78,7 @@ fn on_host(
                 writable,
                 timeout,
                 system_map: Some(images.join("System.map")),
+                api_sock,
             };
             let raw_args: Vec<_> = std::env::args_os().skip(1).collect();
             match emulated::run(&l1, &raw_args) {
@@ -135,6 +141,7 @@ fn run(args: &RunArgs, vmm_start: Instant) -> u8 {
                 cfg.interactive,
                 writable,
                 cfg.timeout,
+                cfg.api_sock.clone(),
                 || run_vm(&cfg, vmm_start),
             )
         }
@@ -173,6 +180,7 @@ fn bench_boot(args: &BootBenchArgs) -> u8 {
         Some(std::time::Duration::from_secs(
             60 * u64::from(args.runs) + 60,
         )),
+        None,
         || match bench::run(&b, b.hide_xsave) {
             Ok(()) => 0,
             Err(e) => {
@@ -215,9 +223,42 @@ fn bench_peer(args: &PeerArgs) -> u8 {
         timeout,
         hide_xsave: std::env::var_os(host::IN_EMULATED_HOST_ENV).is_some(),
     };
-    on_host(args.host, args.memory, false, Vec::new(), timeout, || {
-        peer::run(&run)
-    })
+    on_host(
+        args.host,
+        args.memory,
+        false,
+        Vec::new(),
+        timeout,
+        None,
+        || peer::run(&run),
+    )
+}
+
+/// `aiodma ctl`: print the answer; a refused request or no answer is one line on stderr and
+/// exit code 1.
+fn ctl(args: &CtlArgs) -> u8 {
+    let call = ApiCall::from_command(&args.command);
+    match client::call(
+        &args.sock,
+        &call,
+        std::time::Duration::from_secs(args.timeout),
+    ) {
+        Ok(answer) if answer.status.is_success() => {
+            // A reader that went away (`| head`) is not an error of the request.
+            if !answer.body.is_empty() {
+                let _ = writeln!(std::io::stdout(), "{}", answer.body.trim_end());
+            }
+            0
+        }
+        Ok(answer) => {
+            log::error!("{} {}: {}", call.method, call.path, answer.error_message());
+            1
+        }
+        Err(e) => {
+            log::error!("{e}");
+            1
+        }
+    }
 }
 
 /// Report a command-line error. A bad flag value (a failed value parser or range) is one line
@@ -243,6 +284,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args, vmm_start),
         Command::Bench(BenchCommand::Boot(args)) => bench_boot(args),
         Command::Bench(BenchCommand::Peer(args)) => bench_peer(args),
+        Command::Ctl(args) => ctl(args),
     };
     ExitCode::from(code)
 }

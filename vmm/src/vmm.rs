@@ -26,6 +26,7 @@ use aiodma_device::engine::{DeviceControl, DeviceError, DeviceOptions, Engine, T
 use aiodma_device::metrics::Metrics;
 use aiodma_device::transport::Transport;
 
+use crate::api::{self, ApiError, ApiServer};
 use crate::arch::x86_64 as arch;
 use crate::config::{DeviceSpec, VmConfig};
 use crate::devices::bus::Bus;
@@ -70,6 +71,9 @@ pub enum VmmError {
     /// System call filters could not be set up (`--seccomp`).
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    /// The runtime-control API could not be served (`--api-sock`).
+    #[error(transparent)]
+    Api(#[from] ApiError),
 }
 
 impl VmmError {
@@ -79,6 +83,7 @@ impl VmmError {
             VmmError::Kernel(..) | VmmError::Initrd(_) | VmmError::DeviceInput(_) => {
                 crate::exit::EXIT_BAD_INPUT
             }
+            VmmError::Api(e) => e.exit_code(),
             _ => crate::exit::EXIT_KVM_FAILURE,
         }
     }
@@ -431,6 +436,22 @@ fn attach_pci(
     Ok(dma)
 }
 
+/// The API thread confines itself once set up (`--seccomp`); a filter that cannot be installed
+/// stops the VM.
+fn api_thread_hook(
+    filters: Option<&Arc<Filters>>,
+    stop: &Arc<StopSignal>,
+) -> Option<api::StartHook> {
+    let filters = filters?.clone();
+    let stop = stop.clone();
+    Some(Box::new(move || {
+        filters.install(ThreadKind::Api).map_err(|e| {
+            stop.stop(StopReason::SeccompFailed(e.to_string()));
+            e.to_string()
+        })
+    }))
+}
+
 /// A VM that stopped. vCPU threads may still sit in KVM_RUN on its memory, so the caller keeps
 /// this alive until the process exits (which ends those threads), as Firecracker does.
 #[derive(Debug)]
@@ -451,6 +472,12 @@ pub fn run(cfg: &VmConfig, vmm_start: Instant) -> Result<Stopped, VmmError> {
     }
     // First, so that a kernel without seccomp fails the run before anything is built.
     let filters = Filters::new(cfg.seccomp)?;
+    // Early, so that an unusable --api-sock fails the run before the VM is built.
+    let api_endpoint = cfg
+        .api_sock
+        .as_deref()
+        .map(api::Endpoint::open)
+        .transpose()?;
     let kvm = Kvm::new().kvm("open /dev/kvm")?;
     let mem_bytes = cfg.memory_mib << 20;
     let memory = GuestMemoryMmap::from_ranges(&arch::layout::ram_regions(mem_bytes))
@@ -517,6 +544,15 @@ pub fn run(cfg: &VmConfig, vmm_start: Instant) -> Result<Stopped, VmmError> {
         f.device_hook(move |e| stop.stop(StopReason::SeccompFailed(e.to_string())))
     });
     let dma = attach_pci(&vm, cfg, &pio, &mmio, device_threads)?;
+    // Stopped (and its socket file removed) when `run` returns.
+    let _api = match (api_endpoint, &dma) {
+        (Some(endpoint), Some(d)) => Some(ApiServer::spawn(
+            endpoint,
+            Arc::new(d.control.clone()),
+            api_thread_hook(filters.as_ref(), &stop),
+        )?),
+        _ => None,
+    };
     let ctx = VcpuContext {
         pio: Arc::new(pio),
         mmio,

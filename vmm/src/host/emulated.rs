@@ -17,6 +17,10 @@
 //! - `isa-debug-exit` on `abi::platform::EXIT_PORT`: level 1 ends QEMU at once, without a
 //!   reboot, by writing there (as the test guest does under our VMM).
 //!
+//! - With `--api-sock PATH`: a virtio-serial port named `org.aiodma.api` whose chardev connects
+//!   to `<job dir>/api.sock`, where this process listens; it listens at PATH too and relays the
+//!   API's requests to the VMM inside over the port (`crate::api::forward`).
+//!
 //! The inner run's exit status comes back through `<job dir>/status` (QEMU's own exit code
 //! carries only 7 bits of it).
 
@@ -48,6 +52,8 @@ pub const L1_APPEND_ENV: &str = "AIODMA_L1_APPEND";
 pub const WRITABLE_ENV: &str = "AIODMA_WRITABLE";
 /// QEMU's human monitor, in the job directory: asked where level 1's vCPUs are if it hangs.
 const MONITOR_SOCKET: &str = "monitor.sock";
+/// The socket in the job directory that QEMU connects the API port's chardev to.
+const API_LINK: &str = "api.sock";
 /// QEMU's log of level-1 CPU resets (`-d cpu_reset`), in the job directory: a triple fault
 /// there is how a level-1 kernel dies without a word.
 const RESET_LOG: &str = "qemu-reset.log";
@@ -75,6 +81,9 @@ pub enum EmulatedError {
         /// Where level 1's vCPUs were, from QEMU's monitor.
         detail: String,
     },
+    /// The API's socket (`--api-sock`) cannot be served.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
     /// QEMU ended without the inner run's status.
     #[error("emulated host stopped without an exit status (QEMU {qemu}){detail}")]
     NoStatus {
@@ -93,6 +102,7 @@ impl EmulatedError {
                 crate::exit::EXIT_BAD_INPUT
             }
             EmulatedError::Hung { .. } => crate::exit::EXIT_TIMEOUT,
+            EmulatedError::Api(e) => e.exit_code(),
             _ => crate::exit::EXIT_KVM_FAILURE,
         }
     }
@@ -116,6 +126,9 @@ pub struct Level1 {
     pub timeout: Option<Duration>,
     /// The level-1 kernel's symbol table, to name where a hung level 1's vCPUs are.
     pub system_map: Option<PathBuf>,
+    /// The inner run's `--api-sock`: served here and relayed to level 1 over a virtio-serial
+    /// port.
+    pub api_sock: Option<PathBuf>,
 }
 
 /// Quote `s` for POSIX sh.
@@ -255,6 +268,18 @@ pub fn qemu_args(
         args.push("-device".into());
         args.push(format!("virtio-9p-device,fsdev=w{i},mount_tag=w{i}"));
     }
+    if l1.api_sock.is_some() {
+        // On the virtio-serial bus of hvc0; QEMU connects to level 0's listener at start.
+        args.extend([
+            "-chardev".into(),
+            format!("socket,id=api,path={}", job_dir.join(API_LINK).display()),
+            "-device".into(),
+            format!(
+                "virtserialport,chardev=api,name={}",
+                crate::api::port::PORT_NAME
+            ),
+        ]);
+    }
     if std::env::var_os(PAUSE_ON_RESET_ENV).is_some() {
         // Debugging the emulator: a level-1 reset freezes level 1 as it was, for the watchdog's
         // monitor dump, instead of ending QEMU.
@@ -380,6 +405,12 @@ pub fn run(l1: &Level1, args: &[OsString]) -> Result<u8, EmulatedError> {
         .collect();
     std::fs::write(job.0.join("mounts"), mounts)
         .map_err(|e| EmulatedError::Io("write the mount list", e))?;
+    // Listening before QEMU starts, which connects the port's chardev at once.
+    let _api = l1
+        .api_sock
+        .as_deref()
+        .map(|path| crate::api::forward::Forwarder::start(path, &job.0.join(API_LINK)))
+        .transpose()?;
 
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -811,6 +842,7 @@ mod tests {
             writable: Vec::new(),
             timeout: None,
             system_map: None,
+            api_sock: None,
         };
         let args: Vec<String> = qemu_args(
             &l1,
@@ -836,5 +868,20 @@ mod tests {
         assert!(append.contains("kvm_amd.npt=0"));
         assert!(append.contains("tsc_early_khz=2600000"));
         assert!(append.contains("aiodma.job=/tmp/j"));
+        assert!(!joined.contains("virtserialport"));
+
+        let with_api = Level1 {
+            api_sock: Some("/x/api.sock".into()),
+            ..l1
+        };
+        let joined = qemu_args(&with_api, "/e", Path::new("/tmp/j"), &[], 1, None)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(joined.contains(
+            "-chardev socket,id=api,path=/tmp/j/api.sock \
+             -device virtserialport,chardev=api,name=org.aiodma.api"
+        ));
     }
 }
