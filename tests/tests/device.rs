@@ -283,6 +283,11 @@ int main(void) {
     int cfg = open(DEV "config", O_RDWR);
     uint16_t ctl = 0x8000;
     if (cfg < 0 || pwrite(cfg, &ctl, 2, 0x42) != 2) fail("enable MSI-X");
+    /* Bus mastering on, as pci_set_master does: without it the device moves no data (SPEC 1). */
+    uint16_t cmd = 0;
+    if (pread(cfg, &cmd, 2, 0x04) != 2) fail("read command");
+    cmd |= 0x4;
+    if (pwrite(cfg, &cmd, 2, 0x04) != 2) fail("enable bus mastering");
     for (int v = 0; v < 2; v++) {
         R32(0x3000 + 16 * v) = 0xfee00000;
         R32(0x3004 + 16 * v) = 0;
