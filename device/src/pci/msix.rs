@@ -150,6 +150,9 @@ pub struct Msix {
     pending: Vec<u64>,
     enabled: bool,
     function_masked: bool,
+    /// The function's Bus Master Enable: an MSI is a memory write, so none leaves while it is
+    /// clear (pending ones wait for it).
+    bus_master: bool,
     controller: Arc<dyn MsiController>,
 }
 
@@ -173,6 +176,7 @@ impl Msix {
             pending: vec![0; n.div_ceil(64)],
             enabled: false,
             function_masked: false,
+            bus_master: true,
             controller,
         }
     }
@@ -234,7 +238,16 @@ impl Msix {
     }
 
     fn deliverable(&self, vector: u16) -> bool {
-        self.enabled && !self.function_masked && !self.vector_masked(vector)
+        self.bus_master && self.enabled && !self.function_masked && !self.vector_masked(vector)
+    }
+
+    /// The function's Bus Master Enable changed: while it is clear nothing is delivered (an
+    /// unmask or enable leaves pending vectors pending); setting it fires what is pending.
+    pub fn set_bus_master(&mut self, on: bool) {
+        self.bus_master = on;
+        if on {
+            self.flush_pending();
+        }
     }
 
     /// Fire every pending vector that is no longer masked.

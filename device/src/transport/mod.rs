@@ -189,7 +189,11 @@ impl Transport {
             engine,
             config,
             msix_cap: u64::from(msix_cap),
-            msix: Arc::new(Mutex::new(Msix::new(vectors, msi))),
+            msix: Arc::new(Mutex::new({
+                let mut msix = Msix::new(vectors, msi);
+                msix.set_bus_master(bus_master);
+                msix
+            })),
             doorbells,
             num_queues,
             queue_size_max: max,
@@ -312,10 +316,12 @@ impl PciFunction for Transport {
             // then the sink, which drops any interrupt still on its way.
             if now {
                 self.bus_master.store(true, Ordering::Release);
+                lock(&self.msix).set_bus_master(true);
                 self.engine.set_bus_master(true);
             } else {
                 self.engine.set_bus_master(false);
                 self.bus_master.store(false, Ordering::Release);
+                lock(&self.msix).set_bus_master(false);
             }
         }
         let control = self.msix_cap + msix::CAP_CONTROL;
