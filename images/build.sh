@@ -3,9 +3,10 @@
 #
 #   images/build.sh [all|kernel|module|tools|initramfs|fio|debug|lint]      (default: all)
 #
-# `debug` builds the debug variant (kernel.config + kernel-debug.config: lockdep, atomic-sleep
-# checks, list and slab debugging) with its own module and initramfs, published with a
-# `-debug` suffix; `all` includes it. `lint` runs the kernel's own gates on the module (rustfmt
+# `debug` builds the debug variant (kernel.config + kernel-debug.config: KASAN, lockdep,
+# atomic-sleep checks, list and slab debugging, ...) with its own module and initramfs, published
+# with a `-debug` suffix; `all` includes it. The debug kernel and its module are built with
+# LLVM 19 (`make LLVM=-19`: clang-19, ld.lld-19, llvm-*-19), the test kernel with GCC. `lint` runs the kernel's own gates on the module (rustfmt
 # and clippy, see lint_module); `make lint` calls it.
 #
 # Every artifact lives in $AIODMA_CACHE (default ~/.cache/aiodma), in a directory named by a hash
@@ -19,9 +20,46 @@ JOBS=${JOBS:-$(nproc)}
 GUEST_TARGET=x86_64-unknown-linux-musl
 GUEST_TOOLS=(aiodma-guest aiodma-aio)
 
+# The debug variant's C toolchain, as the kernel's LLVM= make variable: the suffix of clang-19,
+# ld.lld-19, llvm-ar-19, ... (Debian's versioned LLVM packages, images/deps.sh). With GCC,
+# init/Kconfig's `config RUST` (`depends on !KASAN || CC_IS_CLANG`) would drop Rust, and with
+# it our module, as soon as KASAN is on; a clang-built kernel can have both.
+DEBUG_LLVM=-19
+
+# kmake ARGS...: make for the current variant's kernel tree. Everything built against one kernel
+# tree (its configuration, the kernel, its modules, our module with M=) must use the same
+# toolchain: Kbuild then also gives the module's C and Rust the flags the kernel was built with
+# (KASAN's -fsanitize=kernel-address and -Zsanitizer=kernel-address among them).
+kmake() {
+    if [ "$VARIANT" = debug ]; then make LLVM="$DEBUG_LLVM" "$@"; else make "$@"; fi
+}
+
+# What of the toolchain goes into the kernel's cache key. The test kernel's string is unchanged
+# since before the debug variant moved to LLVM, so its cached build stays valid.
 toolchain_id() {
-    printf '%s|%s|%s|%s' "$(rustc --version)" "$(bindgen --version 2>&1 | head -n1)" \
-        "$(gcc --version | head -n1)" "$(ld --version | head -n1)"
+    if [ "$VARIANT" = debug ]; then
+        printf '%s|%s|LLVM=%s|%s|%s' "$(rustc --version)" "$(bindgen --version 2>&1 | head -n1)" \
+            "$DEBUG_LLVM" "$("clang$DEBUG_LLVM" --version | head -n1)" \
+            "$("ld.lld$DEBUG_LLVM" --version | head -n1)"
+    else
+        printf '%s|%s|%s|%s' "$(rustc --version)" "$(bindgen --version 2>&1 | head -n1)" \
+            "$(gcc --version | head -n1)" "$(ld --version | head -n1)"
+    fi
+}
+
+# The debug variant needs the LLVM tools (images/deps.sh installs them).
+check_toolchain() {
+    [ "$VARIANT" = debug ] || return 0
+    local tool missing=()
+    for tool in clang ld.lld llvm-ar llvm-nm llvm-objcopy llvm-objdump llvm-readelf llvm-strip; do
+        command -v "$tool$DEBUG_LLVM" >/dev/null || missing+=("$tool$DEBUG_LLVM")
+    done
+    [ ${#missing[@]} -eq 0 ] || bad_input "the debug kernel is built with LLVM=$DEBUG_LLVM; missing ${missing[*]} (run images/deps.sh)"
+}
+
+# require_config CONFIG LINE WHY: fail loudly unless LINE is in the .config.
+require_config() {
+    grep -qxF "$2" "$1" || die "kernel config: $2 did not survive olddefconfig (got: $(grep -E "^(# )?${2%%=*}[= ]" "$1" || echo unset)): $3; see $1"
 }
 
 # Fail loudly when Kconfig dropped an option of the fragment (it does so silently when a
@@ -62,23 +100,31 @@ kernel_key() {
 build_kernel() {
     local start ksrc kbuild
     start=$(now_ns)
+    check_toolchain
     ksrc=$("$IMAGES/kernel-src.sh")
     kbuild="$AIODMA_CACHE/kernel/$(kernel_key "$ksrc")"
     local frag
     if [ -f "$kbuild/.aiodma-complete" ]; then
         step_done "kernel$(suffix)" cached "$start"
     else
-        log "building Linux $(make -s -C "$ksrc" kernelversion)$(suffix) in $kbuild (about 4 min on 2 cores)"
+        log "building Linux $(make -s -C "$ksrc" kernelversion)$(suffix) in $kbuild (about $([ "$VARIANT" = debug ] && echo "11 min with clang-19 and KASAN" || echo "4 min") on 2 cores)"
         rm -rf "$kbuild" && mkdir -p "$kbuild"
         local logf="$kbuild/build.log"
         # shellcheck disable=SC2046
         {
-            make -C "$ksrc" O="$kbuild" tinyconfig \
+            kmake -C "$ksrc" O="$kbuild" tinyconfig \
             && "$ksrc/scripts/kconfig/merge_config.sh" -m -O "$kbuild" "$kbuild/.config" $(fragments) \
-            && make -C "$ksrc" O="$kbuild" olddefconfig
+            && kmake -C "$ksrc" O="$kbuild" olddefconfig
         } > "$logf" 2>&1 || { tail -n 30 "$logf" >&2; die "kernel configuration failed (log: $logf)"; }
         for frag in $(fragments); do verify_config "$kbuild/.config" "$frag"; done
-        make -C "$ksrc" O="$kbuild" -j"$JOBS" bzImage modules >> "$logf" 2>&1 \
+        if [ "$VARIANT" = debug ]; then
+            # The point of the LLVM build, checked on its own: Rust (our module) and KASAN in one
+            # kernel. Kconfig drops either silently if the compiler cannot have both.
+            require_config "$kbuild/.config" CONFIG_CC_IS_CLANG=y "make LLVM=$DEBUG_LLVM did not select clang"
+            require_config "$kbuild/.config" CONFIG_RUST=y "with KASAN, Rust needs a clang-built kernel (init/Kconfig: depends on !KASAN || CC_IS_CLANG)"
+            require_config "$kbuild/.config" CONFIG_KASAN=y "see lib/Kconfig.kasan for its dependencies"
+        fi
+        kmake -C "$ksrc" O="$kbuild" -j"$JOBS" bzImage modules >> "$logf" 2>&1 \
             || { tail -n 40 "$logf" >&2; die "kernel build failed (log: $logf)"; }
         touch "$kbuild/.aiodma-complete"
         step_done "kernel$(suffix)" built "$start"
@@ -100,8 +146,8 @@ build_module() {
         step_done "module$(suffix)" cached "$start"
     else
         rm -rf "$out" && mkdir -p "$out"
-        # MO= keeps every build product out of the source tree.
-        make -C "$KSRC" O="$KBUILD" M="$AIODMA_ROOT/guest-driver/module" MO="$out" modules \
+        # MO= keeps every build product out of the source tree. kmake: the kernel's toolchain.
+        kmake -C "$KSRC" O="$KBUILD" M="$AIODMA_ROOT/guest-driver/module" MO="$out" modules \
             > "$out/build.log" 2>&1 || { cat "$out/build.log" >&2; rm -f "$out/aiodma.ko"; die "module build failed"; }
         step_done "module$(suffix)" built "$start"
     fi
@@ -131,9 +177,11 @@ build_initramfs() {
     local inputs=("$busybox" "$IMAGES/init" "$IMAGES/l1init" "$IMAGES/demo" "$IMAGES/checked" "$MODULE")
     for tool in "${GUEST_TOOLS[@]}"; do inputs+=("$TOOLS_DIR/$tool"); done
     # The debug kernel's misbehaving test modules (kernel-debug.config), which the tests load to
-    # prove that aiodma-checked's gates fail a run: a kmemleak report, a UBSAN report.
+    # prove that aiodma-checked's gates fail a run: a kmemleak report, a UBSAN report, KASAN
+    # reports (KASAN's KUnit suite, with KUnit itself as a module, which must load first).
     local extra_modules=() option ko
-    for option in SAMPLE_KMEMLEAK:samples/kmemleak/kmemleak-test.ko TEST_UBSAN:lib/test_ubsan.ko; do
+    for option in SAMPLE_KMEMLEAK:samples/kmemleak/kmemleak-test.ko TEST_UBSAN:lib/test_ubsan.ko \
+        KUNIT:lib/kunit/kunit.ko KASAN_KUNIT_TEST:mm/kasan/kasan_test.ko; do
         ko=$KBUILD/${option#*:}
         grep -qx "CONFIG_${option%%:*}=m" "$KBUILD/.config" || continue
         [ -f "$ko" ] || die "missing $ko (CONFIG_${option%%:*}=m)"

@@ -7,11 +7,16 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 # tool -> Debian package that provides it (Debian's fio pins the version whose source the
-# guest's static fio is built from)
+# guest's static fio is built from). LLVM 19 builds the debug kernel and its module
+# (images/build.sh: `make LLVM=-19`, the tools below), because KASAN and Rust together need
+# clang; the test kernel stays GCC.
 declare -A TOOL_PKG=(
     [gcc]=gcc [make]=make [flex]=flex [bison]=bison [bc]=bc [cpio]=cpio [kmod]=kmod
     [busybox]=busybox-static [fio]=fio [xz]=xz-utils [qemu-system-x86_64]=qemu-system-x86
     [gpgv]=gpgv [curl]=curl
+    [clang-19]=clang-19 [ld.lld-19]=lld-19 [llvm-ar-19]=llvm-19 [llvm-nm-19]=llvm-19
+    [llvm-objcopy-19]=llvm-19 [llvm-objdump-19]=llvm-19 [llvm-readelf-19]=llvm-19
+    [llvm-strip-19]=llvm-19
 )
 # headers/libraries (checked through dpkg on Debian, through the file elsewhere)
 declare -A FILE_PKG=(
@@ -42,6 +47,8 @@ for f in "${!FILE_PKG[@]}"; do
 done
 
 if [ ${#missing_pkgs[@]} -gt 0 ]; then
+    # Several tools come from one package (llvm-19): name each package once.
+    mapfile -t missing_pkgs < <(printf '%s\n' "${missing_pkgs[@]}" | sort -u)
     if ! is_debian; then
         bad_input "missing ${missing_desc[*]} (Debian packages: ${missing_pkgs[*]}); install them and re-run"
     fi

@@ -268,11 +268,15 @@ impl Drop for TempDir {
     }
 }
 
-/// The debug guest kernel (lockdep, atomic-sleep checks, KFENCE, UBSAN, kmemleak, slab/object
-/// debugging, fault injection) with a guest time limit of `secs`: it is several times slower
-/// than the test kernel, so it gets a longer limit than `Guest::new()`'s.
+/// The debug guest kernel (KASAN, lockdep, atomic-sleep checks, KFENCE, UBSAN, kmemleak,
+/// slab/object debugging, fault injection) with a guest time limit of `secs`: it is several times
+/// slower than the test kernel, so it gets a longer limit than `Guest::new()`'s. And 512 MiB of
+/// memory instead of 256: KASAN's shadow takes an eighth of it and its quarantine holds freed
+/// objects back, on top of SLUB_DEBUG_ON's red zones and kmemleak's metadata.
 pub fn debug_guest(secs: u32) -> Guest {
     Guest::default()
+        .flag("--memory")
+        .flag("512")
         .flag("--kernel")
         .flag(artifact("bzImage-debug").to_str().unwrap_or_default())
         .flag("--base-initrd")

@@ -1,8 +1,9 @@
-//! The driver under the debug kernel (images/out/bzImage-debug: lockdep, atomic-sleep checks,
-//! list, slab and object debugging, KFENCE, UBSAN, kmemleak, fault injection): the AIO paths,
-//! cancellation-free fault recovery and unbind run without a lockdep splat, a "sleeping function
-//! called from invalid context", a BUG, a UBSAN report or a leak (the harness runs every guest
-//! command under `aiodma-checked`, which enforces that). The gates themselves are tested here
+//! The driver under the debug kernel (images/out/bzImage-debug, built with clang-19: KASAN,
+//! lockdep, atomic-sleep checks, list, slab and object debugging, KFENCE, UBSAN, kmemleak, fault
+//! injection): the AIO paths, cancellation-free fault recovery and unbind run without a KASAN
+//! report, a lockdep splat, a "sleeping function called from invalid context", a BUG, a UBSAN
+//! report or a leak (the harness runs every guest command under `aiodma-checked`, which enforces
+//! that). The gates themselves are tested here
 //! too, with the kernel's own misbehaving test modules: a gate that cannot fail proves nothing.
 
 // Integration tests fail by panicking; helpers outside #[test] fns count too.
@@ -31,6 +32,15 @@ fn debug_kernel_has_the_checkers() {
         "CONFIG_FAILSLAB=y",
         "CONFIG_FAIL_PAGE_ALLOC=y",
         "CONFIG_FAULT_INJECTION_DEBUG_FS=y",
+        // KASAN, generic mode, which needs a clang-built kernel to keep Rust (init/Kconfig,
+        // `config RUST`: `depends on !KASAN || CC_IS_CLANG`), and keeps VMAP_STACK through
+        // KASAN_VMALLOC.
+        "CONFIG_CC_IS_CLANG=y",
+        "CONFIG_KASAN=y",
+        "CONFIG_KASAN_GENERIC=y",
+        "CONFIG_KASAN_INLINE=y",
+        "CONFIG_KASAN_VMALLOC=y",
+        "CONFIG_VMAP_STACK=y",
         // The module is Rust: a checker that switched Rust off would leave nothing to check.
         "CONFIG_RUST=y",
     ] {
@@ -39,8 +49,6 @@ fn debug_kernel_has_the_checkers() {
             "debug kernel lacks {want}"
         );
     }
-    // No KASAN: with a GCC-built kernel it excludes Rust (init/Kconfig, `config RUST`:
-    // `depends on !KASAN || CC_IS_CLANG`); images/kernel-debug.config says what stands in.
 }
 
 /// The "aiodma-checked: kmemleak: N leaks" line of a run, as N.
@@ -66,7 +74,7 @@ fn checkers_are_live_in_the_debug_guest() {
          done; \
          grep -qx 'enabled: 1' /sys/kernel/debug/kfence/stats; \
          aiodma-aio verify --engine libaio --qd 4 --requests 8; echo checkers-live";
-    let out = debug_guest(300).sh(script);
+    let out = debug_guest(600).sh(script);
     out.assert_code(0);
     out.assert_stdout_contains("checkers-live");
     assert_eq!(kmemleak_leaks(&out), 0, "{}", out.report());
@@ -76,7 +84,7 @@ fn checkers_are_live_in_the_debug_guest() {
 fn kmemleak_gate_fails_a_leaking_run() {
     // The kernel's kmemleak sample orphans kmallocs and vmallocs when it loads: the run must fail
     // with exit 99 and show them, or the gate is vacuous.
-    let out = debug_guest(300).run(&["insmod", "/lib/modules/kmemleak-test.ko"]);
+    let out = debug_guest(600).run(&["insmod", "/lib/modules/kmemleak-test.ko"]);
     out.assert_code(99);
     assert!(kmemleak_leaks(&out) >= 8, "{}", out.report());
     let all = format!("{}{}", out.stdout, out.stderr);
@@ -87,11 +95,44 @@ fn kmemleak_gate_fails_a_leaking_run() {
 fn ubsan_report_fails_the_run() {
     // The kernel's UBSAN test module shifts out of bounds, indexes past an array and loads
     // invalid bools and enums at load: its reports must fail the run.
-    let out = debug_guest(300).run(&["insmod", "/lib/modules/test_ubsan.ko"]);
+    let out = debug_guest(600).run(&["insmod", "/lib/modules/test_ubsan.ko"]);
     out.assert_code(99);
     let all = format!("{}{}", out.stdout, out.stderr);
     assert!(
         all.contains("UBSAN: shift-out-of-bounds"),
+        "{}",
+        out.report()
+    );
+}
+
+#[test]
+fn kasan_report_fails_the_run() {
+    // KASAN's own KUnit suite, two of its cases: an out-of-bounds write past a kmalloc object
+    // (C) and a use-after-free of a KVec's buffer (Rust, built with the kernel's KASAN rustc
+    // flags as our module is). KUnit says "ok" for a case when KASAN reported the bad access it
+    // expects; the reports must then fail the run (exit 99) and show in its output. (printf, not
+    // echo: a string parameter written through sysfs keeps the newline, and the glob with it
+    // matches no case.)
+    let script = "set -e; \
+         insmod /lib/modules/kunit.ko filter_glob=kasan.kmalloc_oob_right; \
+         insmod /lib/modules/kasan_test.ko; rmmod kasan_test; \
+         printf kasan.rust_uaf > /sys/module/kunit/parameters/filter_glob; \
+         insmod /lib/modules/kasan_test.ko; rmmod kasan_test; \
+         dmesg | grep -E '(not )?ok [0-9]+ (kmalloc_oob_right|rust_uaf)$' | sed 's/^.*] *//'";
+    let out = debug_guest(600).sh(script);
+    out.assert_code(99);
+    out.assert_stdout_contains("ok 1 kmalloc_oob_right");
+    out.assert_stdout_contains("ok 1 rust_uaf");
+    assert!(!out.stdout.contains("not ok"), "{}", out.report());
+    let all = format!("{}{}", out.stdout, out.stderr);
+    for report in [
+        "BUG: KASAN: slab-out-of-bounds in kmalloc_oob_right",
+        "BUG: KASAN: slab-use-after-free in kasan_test_rust_uaf",
+    ] {
+        assert!(all.contains(report), "no {report:?}\n{}", out.report());
+    }
+    assert!(
+        all.contains("aiodma-checked: the guest kernel log is not clean"),
         "{}",
         out.report()
     );
@@ -108,7 +149,7 @@ fn aio_paths_and_recovery_are_clean_under_lockdep() {
          echo 0000:00:01.0 > /sys/bus/pci/drivers/aiodma/bind; \
          aiodma-aio verify --engine uring --qd 4 --requests 4; \
          rmmod aiodma; echo debug-run-clean";
-    let out = debug_guest(300)
+    let out = debug_guest(600)
         .flag("--cpus")
         .flag("2")
         .flag("--fault")
@@ -133,7 +174,7 @@ fn file_semantics_and_waves_are_clean_under_lockdep() {
     // The edge checks include a 4 MiB kiocb by libaio and by io_uring, which the driver sends
     // in waves from its completion path (threaded IRQ, queue lock): lockdep and the atomic-
     // sleep checker watch that path here.
-    let out = debug_guest(300)
+    let out = debug_guest(600)
         .flag("--cpus")
         .flag("2")
         .sh("aiodma-aio edge");
@@ -155,7 +196,7 @@ fn kiocb_log_under_the_queue_lock_is_clean_under_atomic_sleep_checks() {
          aiodma-aio verify --engine libaio --qd 4 --requests 8 --unaligned --vectored; \
          n=$(dmesg | grep -c 'aiodma: req .*returning -EIOCBQUEUED'); echo queued-log-lines=$n; \
          dmesg | grep -q 'aiodma: req .*timed out'; echo kiocb-log-clean";
-    let out = debug_guest(300)
+    let out = debug_guest(600)
         .flag("--cpus")
         .flag("2")
         .flag("--fault")

@@ -74,7 +74,7 @@ fn nowait_at_qd32_under_allocation_failures_never_hangs() {
               fail_page_alloc=$((100000 - $(cat $d/fail_page_alloc/times))); \
          exit $s"
     );
-    let out = debug_guest(300).flag("--cpus").flag("2").sh(&script);
+    let out = debug_guest(600).flag("--cpus").flag("2").sh(&script);
     assert!(
         !out.stdout.contains("kernel without fault injection"),
         "the debug kernel lacks failslab/fail_page_alloc (CONFIG_FAULT_INJECTION_DEBUG_FS)\n{}",
@@ -96,16 +96,20 @@ fn nowait_at_qd32_under_allocation_failures_never_hangs() {
 
 /// `aiodma-aio churn` on the debug kernel with 2 vCPUs; `args` after the subcommand.
 ///
-/// Measured in the emulated host (debug kernel, 2 vCPUs, 50 iterations, boot included): about
-/// 70 s for unbind/bind and 50 s for unbind/rmmod/insmod on an otherwise idle 2-core machine,
-/// and 2.5 to 6 times that with other guests and kernel builds running beside it; hence the
-/// longer limit. The tool prints its progress every 10 iterations, so a run that still times
+/// Measured in the emulated host (2 vCPUs, 50 iterations, boot included), on the GCC-built
+/// debug kernel: about 70 s for unbind/bind and 50 s for unbind/rmmod/insmod on an otherwise
+/// idle 2-core machine, and 2.5 to 6 times that with other guests and kernel builds running
+/// beside it. KASAN (the clang-built debug kernel) makes it several times slower again: unbind/
+/// bind took 376 s with a load average of 3 to 4 beside it, unbind/rmmod/insmod 900 s at 9 to
+/// 10, where one `insmod` took up to 16 s, past churn's default 10 s bound on each step
+/// (`--stall`, which also bounds how long a worker may wait on one request). Hence the long
+/// limit and `--stall 30`: a hang still fails, later. The tool prints its progress every 10 iterations, so a run that still times
 /// out shows how far it got.
 fn churn(args: &str) -> aiodma_tests::RunOutcome {
-    debug_guest(600)
+    debug_guest(1200)
         .flag("--cpus")
         .flag("2")
-        .sh(&format!("aiodma-aio churn {args}"))
+        .sh(&format!("aiodma-aio churn --stall 30 {args}"))
 }
 
 #[test]
@@ -135,7 +139,7 @@ fn unbind_completes_while_the_device_hangs_with_io_in_flight() {
     // After 40 requests (counted again from each reset) the device stops serving every queue;
     // the requests in flight wait (the timeout is long), and unbind must still complete them
     // and return, every time.
-    let out = debug_guest(300)
+    let out = debug_guest(600)
         .flag("--cpus")
         .flag("2")
         .flag("--fault")
@@ -168,7 +172,7 @@ fn probe_failing_at_each_allocation_leaves_nothing_behind() {
              [ -e /dev/aiodma0 ] || failed=$((failed+1)); sleep 0.3; rmmod aiodma; fi; \
          done; echo probe-failures loaded=$loaded failed=$failed; sleep 1; \
          insmod /lib/modules/aiodma.ko && aiodma-aio verify --engine libaio --requests 8";
-    let out = debug_guest(300).sh(script);
+    let out = debug_guest(600).sh(script);
     out.assert_code(0);
     out.assert_stdout_contains("aiodma-checked: kmemleak: 0 leaks");
     let failed: u64 = out
