@@ -3436,35 +3436,49 @@ mod tests {
         type Target = fn(&[u8]) -> Result<(), String>;
         let targets: [(&str, Target); 2] = [("parse", fuzz_input), ("device", fuzz_device)];
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-        let mut failures = Vec::new();
-        let mut known = 0;
-        let mut count = 0;
+        let mut jobs: Vec<(std::path::PathBuf, Target)> = Vec::new();
         for (name, run) in targets {
             let dir = root.join(name);
-            let mut files: Vec<_> = std::fs::read_dir(&dir)
+            let files = std::fs::read_dir(&dir)
                 .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-                .map(|e| e.map(|e| e.path()))
-                .collect::<Result<_, _>>()
+                .map(|e| e.map(|e| (e.path(), run)))
+                .collect::<Result<Vec<_>, _>>()
                 .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-            files.sort();
-            for path in files {
-                let data =
-                    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                count += 1;
-                let outcome = std::panic::catch_unwind(|| run(&data));
-                match outcome {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => match open_finding(&e) {
-                        Some(what) => {
-                            known += 1;
-                            eprintln!("{}: open finding ({what})", path.display());
-                        }
-                        None => failures.push(format!("{}: {e}", path.display())),
-                    },
-                    Err(_) => failures.push(format!("{}: panicked", path.display())),
-                }
-            }
+            jobs.extend(files);
         }
+        jobs.sort_by(|a, b| a.0.cmp(&b.0));
+        let count = jobs.len();
+        // A device program mostly waits for the device's threads: four replay at once.
+        let lanes = 4;
+        let outcomes: Vec<(usize, Vec<String>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..lanes)
+                .map(|lane| {
+                    let jobs = &jobs;
+                    scope.spawn(move || {
+                        let (mut known, mut failures) = (0, Vec::new());
+                        for (path, run) in jobs.iter().skip(lane).step_by(lanes) {
+                            let data = std::fs::read(path)
+                                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                            match std::panic::catch_unwind(|| run(&data)) {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => match open_finding(&e) {
+                                    Some(what) => {
+                                        known += 1;
+                                        eprintln!("{}: open finding ({what})", path.display());
+                                    }
+                                    None => failures.push(format!("{}: {e}", path.display())),
+                                },
+                                Err(_) => failures.push(format!("{}: panicked", path.display())),
+                            }
+                        }
+                        (known, failures)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let known: usize = outcomes.iter().map(|o| o.0).sum();
+        let failures: Vec<String> = outcomes.into_iter().flat_map(|o| o.1).collect();
         assert!(count > 0, "no corpus under {}", root.display());
         eprintln!("{count} corpus file(s), {known} ran into an open finding");
         assert!(

@@ -1,7 +1,10 @@
 //! Runs a fuzz target's function over files (crash reproducers, a corpus directory) on stable
-//! Rust: `cargo run --release --bin replay -- [-v] [--strict] TARGET PATH...` with TARGET
+//! Rust: `cargo run --release --bin replay -- [-v] [--strict] [--reuse] TARGET PATH...` with TARGET
 //! `parse` or `device`. `-v` prints what each `device` input reached (operations, requests,
-//! resets). An input that runs into a finding already reported and not fixed yet
+//! resets). `--reuse` runs the inputs the way the cargo-fuzz target does, on devices kept from
+//! one input to the next (per setup), so a sequence of files can reproduce a failure that needs
+//! what earlier inputs left behind. An input that runs into a finding already reported and not
+//! fixed yet
 //! (`aiodma_device::fuzz::OPEN_FINDINGS`) is shown as such and not counted as a failure, unless
 //! `--strict`.
 
@@ -69,19 +72,22 @@ fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mut verbose = false;
     let mut strict = false;
+    let mut reuse = false;
     while let Some(flag) = args.first() {
         match flag.as_str() {
             "-v" => verbose = true,
             "--strict" => strict = true,
+            "--reuse" => reuse = true,
             _ => break,
         }
         args.remove(0);
     }
     let target: Target = match args.first().map(String::as_str) {
         Some("parse") => aiodma_device::fuzz::fuzz_input,
+        Some("device") if reuse => aiodma_device::fuzz::fuzz_device_reusing,
         Some("device") => aiodma_device::fuzz::fuzz_device,
         _ => {
-            eprintln!("usage: replay [-v] [--strict] parse|device PATH...");
+            eprintln!("usage: replay [-v] [--strict] [--reuse] parse|device PATH...");
             return ExitCode::FAILURE;
         }
     };
