@@ -8,6 +8,7 @@
 #   make bench    benchmarks (boot time and memory next to QEMU; async vs sync I/O table)
 #   make lint     rustfmt + clippy (workspace), and the kernel's rustfmt + CLIPPY=1 build of the module
 #   make fuzz     fuzz the device for FUZZ_TIME seconds (default 600), growing device/fuzz/corpus
+#   make soak     the soak campaign: SOAK_REQUESTS checked requests under a mixed fault plan
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
@@ -62,6 +63,15 @@ FUZZ_TIME ?= 600
 .PHONY: fuzz
 fuzz:
 	@bash device/fuzz/run.sh $(FUZZ_TIME)
+
+# The soak campaign (images/soak.sh): one boot, 2 vCPUs and 2 queues, `aiodma-aio soak` for
+# SOAK_REQUESTS requests (default 1000000) under a mixed fault plan, seeded by SOAK_SEED (default:
+# the time; printed, with the fault log to replay the run). SOAK_DEBUG=1: the debug kernel.
+SOAK_REQUESTS ?= 1000000
+.PHONY: soak
+soak: image vmm
+	@SOAK_REQUESTS=$(SOAK_REQUESTS) $(if $(SOAK_SEED),SOAK_SEED=$(SOAK_SEED)) AIODMA=$(AIODMA) \
+		bash images/soak.sh
 
 clean-cache:
 	rm -rf "$${AIODMA_CACHE:-$$HOME/.cache/aiodma}" images/out

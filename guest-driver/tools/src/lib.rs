@@ -13,5 +13,6 @@ pub mod nowait;
 pub mod port;
 pub mod proc;
 pub mod sigstorm;
+pub mod soak;
 pub mod suite;
 pub mod util;

@@ -13,6 +13,7 @@ use aiodma_guest_tools::churn::{self, ChurnOpts, Mode};
 use aiodma_guest_tools::edge::{self, EdgeOpts};
 use aiodma_guest_tools::nowait::{self, NowaitOpts};
 use aiodma_guest_tools::sigstorm::{self, SigstormOpts};
+use aiodma_guest_tools::soak;
 use aiodma_guest_tools::suite::{self, SuiteOpts};
 use aiodma_guest_tools::util::{device_info, open_dev, parse_secs, parse_size, pattern, Rng};
 
@@ -1071,7 +1072,7 @@ fn dispatch(args: &[String]) -> Result<Result<Done, String>, Usage> {
         cmd,
     };
     Ok(match cmd.as_str() {
-        "help" | "--help" | "-h" => Ok(Done::Line(USAGE.trim_end().into())),
+        "help" | "--help" | "-h" => Ok(Done::Line(format!("{}\n{}", USAGE.trim_end(), soak::USAGE))),
         "info" => {
             let dev = parse_dev_only(&mut a)?;
             std::fs::File::open(&dev)
@@ -1086,6 +1087,7 @@ fn dispatch(args: &[String]) -> Result<Result<Done, String>, Usage> {
         "sigstorm" => sigstorm::run(&parse_sigstorm(&mut a)?).map(Done::Passed),
         "nowait" => nowait::run(&parse_nowait(&mut a)?).map(Done::Passed),
         "churn" => churn::run(&parse_churn(&mut a)?).map(Done::Passed),
+        "soak" => soak::run(&soak::parse(&args[1..]).map_err(Usage)?).map(Done::Passed),
         "bench" => {
             let b = parse_bench(&mut a)?;
             if b.header && !b.json {
@@ -1099,7 +1101,7 @@ fn dispatch(args: &[String]) -> Result<Result<Done, String>, Usage> {
         "bench-suite" => suite::run(&parse_suite(&mut a)?).map(|()| Done::Passed(true)),
         other => {
             return Err(Usage(format!(
-                "unknown command '{other}' (info|verify|edge|cancel|abandon|sigstorm|nowait|churn|bench|bench-suite|help)"
+                "unknown command '{other}' (info|verify|edge|cancel|abandon|sigstorm|nowait|churn|soak|bench|bench-suite|help)"
             )))
         }
     })
