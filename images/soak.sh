@@ -14,8 +14,8 @@
 # Other knobs: SOAK_DRIVER_TIMEOUT_MS (aiodma.timeout_ms, default 1000: requests the device
 # never completes fail and reset it after that long), SOAK_TIMEOUT (the VM's limit in seconds;
 # default from the request count), SOAK_ARGS (more `aiodma-aio soak` options, e.g. '--procs 3'),
-# SOAK_CTL_EVERY (mean seconds between resets/hangs requested through the runtime-control
-# socket, default 60; 0 for none), SOAK_DIR (where the logs go; default target/soak/SEED).
+# SOAK_CTL_EVERY (mean seconds between events made through the runtime-control socket: a
+# reset, a hang, a drop or a used-id; default 30; 0 for none), SOAK_DIR (where the logs go; default target/soak/SEED).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +23,7 @@ aiodma=${AIODMA:-target/release/aiodma}
 requests=${SOAK_REQUESTS:-1000000}
 seed=${SOAK_SEED:-$(date +%s)}
 timeout_ms=${SOAK_DRIVER_TIMEOUT_MS:-1000}
-ctl_every=${SOAK_CTL_EVERY:-60}
+ctl_every=${SOAK_CTL_EVERY:-30}
 dir=${SOAK_DIR:-target/soak/$seed${SOAK_REPLAY:+-replay}}
 for v in requests seed timeout_ms ctl_every; do
     [[ ${!v} =~ ^[0-9]+$ ]] || { echo "[soak] SOAK_${v^^} must be a number, not '${!v}'" >&2; exit 2; }
@@ -116,23 +116,37 @@ echo "[soak] faults: $plan"
 echo "[soak] logs: $dir (console.log, faults.jsonl, metrics.json${sock:+, ctl.log})"
 
 # The injector: waits for the soak to start in the guest, then every SOAK_CTL_EVERY seconds
-# on average (seeded, so a run's schedule is the same for its seed) asks for a reset or a hang.
-# It asks nothing earlier: in the emulated host a request that times out while level 1 still
-# boots leaves the relay without its link for the rest of the run (every request then gets 503).
+# on average (seeded, so a run's schedule is the same for its seed) makes one event: a reset or a
+# hang requested directly, or a `drop` or `used-id` through a rule added for a moment (p=1,
+# times=1: the next request). These do not depend on the plan's random stream, which
+# restarts at every device reset, so with resets every few hundred requests its rarest kinds fire
+# in every lifetime or in none, by seed. The injector asks nothing before the soak started: in
+# the emulated host a request that times out while level 1 still boots leaves the relay without
+# its link for the rest of the run (every request then gets 503).
 ctl_pid=
 if [ -n "$sock" ]; then
     (
         RANDOM=$(( seed % 32768 ))
+        ctl() { "$aiodma" ctl --sock "$sock" --timeout 10 "$@" 2>> "$dir/ctl.log"; }
         until grep -q '^soak: seed' "$dir/console.log" 2> /dev/null; do
             sleep 1
         done
         while sleep $(( ctl_every / 2 + RANDOM % (ctl_every + 1) )); do
-            what=$([ $(( RANDOM % 2 )) = 0 ] && echo reset || echo hang)
-            if "$aiodma" ctl --sock "$sock" --timeout 10 "$what" > /dev/null 2>> "$dir/ctl.log"; then
-                echo "$(date +%T) $what" >> "$dir/ctl.log"
-            else
-                break
-            fi
+            kinds=(reset hang drop used-id)
+            what=${kinds[RANDOM % 4]}
+            case $what in
+                reset | hang) ctl "$what" > /dev/null || break ;;
+                *)
+                    added=$(ctl fault add "$what:p=1,times=1") || break
+                    index=${added//[^0-9]/}
+                    # A drop holds its lifetime until the driver's timeout, so half a second
+                    # gives one; a used-id lie is caught and reset at once, and each new
+                    # lifetime fires the rule again: it goes right away.
+                    [ "$what" = drop ] && sleep 0.5
+                    ctl fault rm "$index" > /dev/null || break
+                    ;;
+            esac
+            echo "$(date +%T) $what" >> "$dir/ctl.log"
         done
     ) &
     ctl_pid=$!
@@ -154,12 +168,17 @@ if [ -s "$dir/metrics.json" ]; then
     resets=$(awk '/"resets":/ { gsub(/[^0-9]/, ""); print; exit }' "$dir/metrics.json")
 fi
 ctl_count=0
-[ -f "$dir/ctl.log" ] && ctl_count=$(grep -cE ' (reset|hang)$' "$dir/ctl.log" || true)
+ctl_kinds=
+if [ -f "$dir/ctl.log" ]; then
+    ctl_count=$(grep -cE '^[0-9:]+ (reset|hang|drop|used-id)$' "$dir/ctl.log" || true)
+    ctl_kinds=$(awk '/^[0-9:]+ (reset|hang|drop|used-id)$/ { n[$2]++ }
+                     END { for (k in n) printf " %s=%d", k, n[k] }' "$dir/ctl.log")
+fi
 
 echo "[soak] ---"
 grep -E '^soak: [0-9]+ requests' "$dir/console.log" | tail -1 | sed 's/^/[soak] /' \
     || echo "[soak] no summary line from the guest (see $dir/console.log)"
-echo "[soak] faults injected: ${fired:-none recorded}(device resets: ${resets:-?}; requested through the socket: $ctl_count)"
+echo "[soak] faults injected: ${fired:-none recorded}(device resets: ${resets:-?}; made through the socket: $ctl_count${ctl_kinds:+:$ctl_kinds})"
 echo "[soak] $secs s, guest exit status $rc"
 echo "[soak] fault log: $dir/faults.jsonl; replay: SOAK_SEED=$seed SOAK_REQUESTS=$requests${SOAK_DEBUG:+ SOAK_DEBUG=$SOAK_DEBUG} SOAK_REPLAY=$dir/faults.jsonl images/soak.sh"
 if [ "$rc" = 0 ]; then
