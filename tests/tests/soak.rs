@@ -1,9 +1,10 @@
 //! The soak campaign in `make test` (issue 12): a short `aiodma-aio soak` under the fault plan
 //! of `make soak` (images/soak.sh) must end with the summary's zeros — no lost, duplicated,
 //! stale or corrupt result, no hang, no kernel splat — with the faults really firing.
+//! A second test shows the checker is not blind: under `corrupt` faults it must fail.
 //!
-//! Reproducers of what long soaks found live here too: the seed and the fault log of the run
-//! (tests/soak/), replayed with `--fault-replay`.
+//! A driver bug a long soak finds belongs here too, as its seed and fault log replayed with
+//! `--fault-replay` (the campaigns so far found none).
 
 // Integration tests fail by panicking; helpers outside #[test] fns count too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
