@@ -20,6 +20,13 @@ bool aiodma_kdebug_enabled(void)
 {
 	DEFINE_DYNAMIC_DEBUG_METADATA(site, "aiodma: kiocb state transitions enabled\n");
 
+	/*
+	 * Without jump labels the branch is a plain load of site.flags, and the site's address
+	 * escapes nowhere else: clang then folds the function to "return 0" and drops the site
+	 * from __dyndbg, so dyndbg could never switch the log on. Make the address escape.
+	 */
+	barrier_data(&site);
+
 	return DYNAMIC_DEBUG_BRANCH(site);
 }
 
