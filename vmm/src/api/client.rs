@@ -146,12 +146,9 @@ pub fn call(sock: &Path, call: &ApiCall, timeout: Duration) -> Result<ApiAnswer,
 mod tests {
     use std::sync::Arc;
 
-    use aiodma_device::engine::ControlError;
-    use aiodma_device::fault::FaultRule;
-    use aiodma_device::metrics::DeviceMetrics;
-
     use super::*;
-    use crate::api::{socket, ApiServer, DeviceApi, Endpoint};
+    use crate::api::routes::FixedDevice;
+    use crate::api::{socket, ApiServer, Endpoint};
 
     #[test]
     fn commands_map_to_requests() {
@@ -204,35 +201,6 @@ mod tests {
         assert_eq!(a.error_message(), "HTTP 502 Bad Gateway");
     }
 
-    struct Nothing;
-
-    impl DeviceApi for Nothing {
-        fn faults(&self) -> Vec<FaultRule> {
-            vec![FaultRule::parse("hang:after=3").unwrap()]
-        }
-        fn add_fault(&self, _rule: FaultRule) -> Result<usize, ControlError> {
-            Ok(4)
-        }
-        fn remove_fault(&self, index: usize) -> Result<FaultRule, ControlError> {
-            Err(ControlError::NoSuchRule { index, count: 1 })
-        }
-        fn clear_faults(&self) -> Result<(), ControlError> {
-            Ok(())
-        }
-        fn request_reset(&self) -> Result<(), ControlError> {
-            Ok(())
-        }
-        fn hang(&self) -> Result<(), ControlError> {
-            Ok(())
-        }
-        fn pause(&self, _paused: bool) -> Result<(), ControlError> {
-            Ok(())
-        }
-        fn metrics(&self) -> DeviceMetrics {
-            DeviceMetrics::default()
-        }
-    }
-
     #[test]
     fn the_client_talks_to_the_server() {
         let dir = std::env::temp_dir().join(format!("aiodma-api-cli-{}", std::process::id()));
@@ -243,8 +211,15 @@ mod tests {
         let err = call(&path, &ApiCall::from_command(&CtlCommand::Reset), t).unwrap_err();
         assert!(matches!(err, CtlError::Connect(..)), "{err}");
         let (listener, guard) = socket::bind(&path).unwrap();
-        let _server =
-            ApiServer::spawn(Endpoint::Socket(listener, guard), Arc::new(Nothing), None).unwrap();
+        let _server = ApiServer::spawn(
+            Endpoint::Socket(listener, guard),
+            Arc::new(FixedDevice {
+                rule: "hang:after=3",
+                added_at: 4,
+            }),
+            None,
+        )
+        .unwrap();
         let list = ApiCall::from_command(&CtlCommand::Fault(FaultCommand::List));
         let a = call(&path, &list, t).unwrap();
         assert_eq!(a.status, StatusCode::OK);

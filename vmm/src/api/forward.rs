@@ -166,43 +166,11 @@ mod tests {
     use std::os::fd::OwnedFd;
     use std::time::Duration;
 
-    use aiodma_device::engine::ControlError;
-    use aiodma_device::fault::FaultRule;
-    use aiodma_device::metrics::DeviceMetrics;
-
     use super::*;
     use crate::api::client::{call, ApiCall};
-    use crate::api::{ApiServer, DeviceApi, Endpoint};
+    use crate::api::routes::FixedDevice;
+    use crate::api::{ApiServer, Endpoint};
     use crate::cli::{CtlCommand, FaultCommand};
-
-    struct Device;
-
-    impl DeviceApi for Device {
-        fn faults(&self) -> Vec<FaultRule> {
-            vec![FaultRule::parse("error:every=1,op=write").unwrap()]
-        }
-        fn add_fault(&self, _rule: FaultRule) -> Result<usize, ControlError> {
-            Ok(1)
-        }
-        fn remove_fault(&self, index: usize) -> Result<FaultRule, ControlError> {
-            Err(ControlError::NoSuchRule { index, count: 1 })
-        }
-        fn clear_faults(&self) -> Result<(), ControlError> {
-            Ok(())
-        }
-        fn request_reset(&self) -> Result<(), ControlError> {
-            Ok(())
-        }
-        fn hang(&self) -> Result<(), ControlError> {
-            Ok(())
-        }
-        fn pause(&self, _paused: bool) -> Result<(), ControlError> {
-            Ok(())
-        }
-        fn metrics(&self) -> DeviceMetrics {
-            DeviceMetrics::default()
-        }
-    }
 
     /// Level 0's relay in front of the VMM's server on the "port" (here the far end of the
     /// link socket, as QEMU would connect it), clients on the API socket.
@@ -228,7 +196,10 @@ mod tests {
         let port = File::from(OwnedFd::from(qemu));
         let inner = ApiServer::spawn(
             Endpoint::Port("/dev/vport0p1".into(), port),
-            Arc::new(Device),
+            Arc::new(FixedDevice {
+                rule: "error:every=1,op=write",
+                added_at: 1,
+            }),
             None,
         )
         .unwrap();

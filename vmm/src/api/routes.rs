@@ -251,6 +251,44 @@ pub fn route(device: &dyn DeviceApi, method: &Method, path: &str, body: &[u8]) -
     }
 }
 
+/// A device for tests of the transport layers (client, relay): a fixed rule list, a fixed
+/// index for added rules, no rule to remove, every other call a success.
+#[cfg(test)]
+pub(crate) struct FixedDevice {
+    /// The one rule `faults` lists.
+    pub rule: &'static str,
+    /// The index `add_fault` answers.
+    pub added_at: usize,
+}
+
+#[cfg(test)]
+impl DeviceApi for FixedDevice {
+    fn faults(&self) -> Vec<FaultRule> {
+        vec![FaultRule::parse(self.rule).unwrap_or_else(|e| panic!("{e}"))]
+    }
+    fn add_fault(&self, _rule: FaultRule) -> Result<usize, ControlError> {
+        Ok(self.added_at)
+    }
+    fn remove_fault(&self, index: usize) -> Result<FaultRule, ControlError> {
+        Err(ControlError::NoSuchRule { index, count: 1 })
+    }
+    fn clear_faults(&self) -> Result<(), ControlError> {
+        Ok(())
+    }
+    fn request_reset(&self) -> Result<(), ControlError> {
+        Ok(())
+    }
+    fn hang(&self) -> Result<(), ControlError> {
+        Ok(())
+    }
+    fn pause(&self, _paused: bool) -> Result<(), ControlError> {
+        Ok(())
+    }
+    fn metrics(&self) -> DeviceMetrics {
+        DeviceMetrics::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
