@@ -153,6 +153,7 @@ pub(crate) fn run(setup: Setup) {
         pending: HashMap::new(),
         corrupting: HashMap::new(),
         summed: HashMap::new(),
+        crc_scratch: Vec::new(),
         delayed: BinaryHeap::new(),
         next_token: 1,
         inflight: 0,
@@ -256,10 +257,11 @@ enum Corruption {
 }
 
 /// CRC32C of the data in guest memory at `segments`, with the bits at `flips` flipped (what a
-/// corrupted WRITE left in the store).
-fn data_crc(mem: &GuestMemoryMmap, segments: &[Segment], flips: &[u64]) -> u32 {
+/// corrupted WRITE left in the store). `buf` is scratch space, kept by the caller so that a
+/// checksum does not allocate.
+fn data_crc(mem: &GuestMemoryMmap, segments: &[Segment], flips: &[u64], buf: &mut Vec<u8>) -> u32 {
     let mut crc = 0u32;
-    let mut buf = vec![0u8; 64 << 10];
+    buf.resize(64 << 10, 0);
     let mut pos = 0u64;
     for seg in segments {
         let mut done = 0u32;
@@ -397,6 +399,8 @@ struct DeviceLoop {
     corrupting: HashMap<u64, Corruption>,
     /// With INTEGRITY: the data buffers of READs and WRITEs in the backend, for their CRC.
     summed: HashMap<u64, Vec<Segment>>,
+    /// Scratch space for computing those CRCs.
+    crc_scratch: Vec<u8>,
     delayed: BinaryHeap<Reverse<Delayed>>,
     next_token: u64,
     /// Requests taken from the queues and not yet published.
@@ -855,7 +859,12 @@ impl DeviceLoop {
                         _ => &[],
                     };
                     if let (Some(_), Some(segments)) = (p.crc, &summed) {
-                        p.crc = Some(data_crc(&self.mem, segments, stored_flips));
+                        p.crc = Some(data_crc(
+                            &self.mem,
+                            segments,
+                            stored_flips,
+                            &mut self.crc_scratch,
+                        ));
                     }
                     if let Some(corruption) = corruption {
                         self.corrupt(corruption);
